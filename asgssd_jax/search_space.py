@@ -1,0 +1,542 @@
+"""Search space: removal structures and their variable groups (Algorithm 2, lines 11-16).
+
+A *removal structure* is a segment that owns trainable variables and whose every outgoing edge
+ends in a removal-tolerant joint (add, sub, concatenate). For a concatenate, the channels the
+segment contributes must be traceable, through per-channel operations, to contractions (conv or
+dense) that consume them, so that removing the segment can slice those contractions. A leaf
+used by two segments (weight sharing) makes neither removable. The trainable leaves of each
+removal structure form one group of G_s; every other trainable leaf is in G_s^C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import networkx as nx
+import numpy as np
+
+from asgssd_jax.cost import op_macs
+from asgssd_jax.segments import SegmentGraph, build_segment_graph
+from asgssd_jax.trace import TraceGraph, trace
+
+__all__ = [
+    "ChannelSite",
+    "Group",
+    "SearchSpace",
+    "generate_search_space",
+    "trace_channels",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Channel tracing through per-channel operations (for concatenate inputs).
+
+_ELEMENTWISE = frozenset(
+    """
+    add add_any sub mul div max min neg exp exp2 log log1p expm1 tanh logistic abs sqrt rsqrt
+    cbrt pow integer_pow square erf erfc erf_inv sign sin cos tan atan2 floor ceil round
+    convert_element_type copy copy_p stop_gradient clamp select_n is_finite eq ne gt ge lt le
+    and or not xor reduce_precision nextafter rem
+    """.split()
+)
+_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+                     "reduce_or", "argmax", "argmin"})
+_WINDOW = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min",
+                     "reduce_window"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelState:
+    """Where a concat operand's channels sit along one axis of a traced value.
+
+    Position ``p`` of the operand (``0 <= p < width``) occupies the indices
+    ``(o * total + offset + p) * inner + i`` for every ``o`` and ``0 <= i < inner``.
+    """
+
+    axis: int
+    inner: int
+    total: int
+    offset: int
+    width: int
+
+    def indices(self, size: int) -> np.ndarray:
+        """Boolean mask over an axis of ``size``: True where this operand's channels are."""
+        idx = np.arange(size)
+        pos = (idx // self.inner) % self.total
+        return (pos >= self.offset) & (pos < self.offset + self.width)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSite:
+    """A contraction that consumes traced channels: ``op`` contracts ``operand``'s ``state``."""
+
+    op: int
+    operand: int
+    state: ChannelState
+
+
+def _shape_of(program, x) -> tuple[int, ...]:
+    return program.shape(x) if isinstance(x, int) else tuple(np.shape(x.val))
+
+
+def _advance(op, program, tracked: dict[int, ChannelState], data) -> Any:
+    """New states of ``op``'s outputs, a ChannelSite (contraction reached), or None (fail)."""
+    name = op.name
+    ins = [x for x in op.invars if isinstance(x, int) and x in data]
+    t_ins = [x for x in ins if x in tracked]
+    states = {tracked[x] for x in t_ins}
+    if name == "concatenate":
+        if len(t_ins) != 1 or op.invars.count(t_ins[0]) != 1:
+            return None
+        (s,) = states
+        if op.params["dimension"] != s.axis or s.inner != 1:
+            return None
+        k = op.invars.index(t_ins[0])
+        before = sum(_shape_of(program, x)[s.axis] for x in op.invars[:k])
+        total = program.shape(op.outvars[0])[s.axis]
+        return dataclasses.replace(s, total=total, offset=s.offset + before)
+    if len(t_ins) != len(ins) or len(states) != 1:
+        return None  # mixes the channels with other data
+    (s,) = states
+    if name in _ELEMENTWISE:
+        out_shape = program.shape(op.outvars[0])
+        for x in op.invars:
+            if isinstance(x, int) and x in data:
+                continue
+            shp = _shape_of(program, x)
+            if shp and (len(shp) != len(out_shape) or shp[s.axis] not in (1, out_shape[s.axis])):
+                return None
+        return s
+    if name in _REDUCE:
+        axes = tuple(op.params["axes"])
+        if s.axis in axes:
+            return None
+        return dataclasses.replace(s, axis=s.axis - sum(a < s.axis for a in axes))
+    if name in _WINDOW:
+        p = op.params
+        if (p["window_dimensions"][s.axis] != 1 or p["window_strides"][s.axis] != 1
+                or tuple(p["padding"][s.axis]) != (0, 0)):
+            return None
+        return s
+    if name == "broadcast_in_dim":
+        new_axis = op.params["broadcast_dimensions"][s.axis]
+        if op.params["shape"][new_axis] != _shape_of(program, op.invars[0])[s.axis]:
+            return None
+        return dataclasses.replace(s, axis=new_axis)
+    if name == "transpose":
+        return dataclasses.replace(s, axis=list(op.params["permutation"]).index(s.axis))
+    if name == "squeeze":
+        dims = tuple(op.params["dimensions"])
+        return None if s.axis in dims else dataclasses.replace(
+            s, axis=s.axis - sum(d < s.axis for d in dims))
+    if name == "reshape":
+        return _through_reshape(s, _shape_of(program, op.invars[0]), op.params["new_sizes"])
+    if name == "pad":
+        if tuple(op.params["padding_config"][s.axis]) != (0, 0, 0):
+            return None
+        return s
+    if name == "conv_general_dilated":
+        if op.invars[0] not in tracked or op.invars[1] in data:
+            return None
+        dn = op.params["dimension_numbers"]
+        if s.axis != dn.lhs_spec[1] or s.inner != 1:
+            return None
+        in_features = _shape_of(program, op.invars[0])[s.axis]
+        groups = op.params["feature_group_count"]
+        if groups == 1:
+            return ChannelSite(op.index, 0, s)
+        if groups == in_features and op.params["batch_group_count"] == 1:  # depthwise
+            out_features = program.shape(op.outvars[0])[dn.out_spec[1]]
+            mult = out_features // in_features
+            return dataclasses.replace(s, axis=dn.out_spec[1], inner=mult)
+        return None
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = op.params["dimension_numbers"]
+        operand = 0 if op.invars[0] in tracked else 1
+        if op.invars[1 - operand] in data:
+            return None
+        contract, batch = (lc, lb) if operand == 0 else (rc, rb)
+        if s.axis in contract:
+            return ChannelSite(op.index, operand, s)
+        if s.axis in batch:
+            return None
+        rank = len(_shape_of(program, op.invars[operand]))
+        free = [d for d in range(rank) if d not in contract and d not in batch]
+        pos = len(lb) + free.index(s.axis)
+        if operand == 1:
+            lrank = len(_shape_of(program, op.invars[0]))
+            pos += lrank - len(lc) - len(lb)
+        return dataclasses.replace(s, axis=pos)
+    return None
+
+
+def _through_reshape(s: ChannelState, old: Sequence[int], new: Sequence[int]):
+    p0 = math.prod(old[: s.axis])
+    inner_old = math.prod(old[s.axis + 1 :])
+    q = 1
+    for j, n in enumerate(new):
+        if q <= p0 and p0 % q == 0 and q * n * math.prod(new[j + 1 :]) == math.prod(old):
+            r = math.prod(new[j + 1 :])
+            if q * n >= p0 * old[s.axis] and r and inner_old % r == 0:
+                return dataclasses.replace(s, axis=j, inner=s.inner * (inner_old // r))
+        q *= n
+    return None
+
+
+def trace_channels(trace_graph: TraceGraph, concat_op: int, operand: int) -> list[ChannelSite] | None:
+    """Follows operand ``operand`` of concatenate op ``concat_op`` to the contractions that
+    consume its channels. Returns those sites, or None when the channels reach anything else
+    (another data operand, a reduction over them, the output, ...)."""
+    program = trace_graph.program
+    data = program.data
+    op = program.ops[concat_op]
+    axis = op.params["dimension"]
+    before = sum(_shape_of(program, x)[axis] for x in op.invars[:operand])
+    width = _shape_of(program, op.invars[operand])[axis]
+    out = op.outvars[0]
+    total = program.shape(out)[axis]
+    tracked = {out: ChannelState(axis, 1, total, before, width)}
+    outputs = {x for x in program.outvars if isinstance(x, int)}
+    sites: list[ChannelSite] = []
+    heap = list(program.consumers.get(out, ()))
+    heapq.heapify(heap)
+    done: set[int] = set()
+    while heap:
+        i = heapq.heappop(heap)
+        if i in done:
+            continue
+        done.add(i)
+        nxt = _advance(program.ops[i], program, tracked, data)
+        if nxt is None:
+            return None
+        if isinstance(nxt, ChannelSite):
+            sites.append(nxt)
+            continue
+        for o in program.ops[i].outvars:
+            tracked[o] = nxt
+            if o in outputs:
+                return None
+            for c in program.consumers.get(o, ()):
+                heapq.heappush(heap, c)
+    if out in outputs:
+        return None
+    return sites
+
+
+# --------------------------------------------------------------------------------------------
+# The search space.
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One removal structure of G_s and its trainable variables."""
+
+    index: int
+    segment: int
+    leaves: tuple[int, ...]  # indices into the variables' leaves
+    param_paths: tuple[str, ...]
+    num_params: int
+    macs: float  # per example, of the structure's own operations
+    concat_sites: tuple[ChannelSite, ...] = ()
+
+
+class SearchSpace:
+    """Removal structures of a network, their groups, and graph validity.
+
+    Build it with :func:`generate_search_space`. ``groups[i]`` is the i-th group of G_s;
+    ``complement_paths`` lists the trainable leaves in G_s^C.
+    """
+
+    def __init__(self, segment_graph: SegmentGraph, groups: list[Group], apply_fn, kwargs,
+                 variables=None):
+        self.variables = variables  # the tree it was traced with (for NNX models: their dict)
+        self.segment_graph = segment_graph
+        self.trace: TraceGraph = segment_graph.trace
+        self.groups: tuple[Group, ...] = tuple(groups)
+        self.apply_fn = apply_fn
+        self.apply_kwargs = dict(kwargs)
+        t = self.trace
+        grouped = {i for gr in groups for i in gr.leaves}
+        self.complement_leaves: tuple[int, ...] = tuple(
+            i for i, tr in enumerate(t.trainable) if tr and i not in grouped)
+        self.group_of_segment = {gr.segment: gr.index for gr in groups}
+        self._prepare_validity()
+
+    # -- basic facts ---------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        """|G_s|, the number of removal structures."""
+        return len(self.groups)
+
+    @property
+    def leaf_paths(self) -> list[str]:
+        return self.trace.leaf_paths
+
+    @property
+    def complement_paths(self) -> tuple[str, ...]:
+        """Paths of the trainable leaves in G_s^C."""
+        return tuple(self.trace.leaf_paths[i] for i in self.complement_leaves)
+
+    def __repr__(self) -> str:
+        return (f"SearchSpace(num_groups={self.num_groups}, trace={self.trace!r}, "
+                f"segments={self.segment_graph.graph.number_of_nodes()})")
+
+    # -- validity ----------------------------------------------------------------------------
+    def _prepare_validity(self) -> None:
+        sg = self.segment_graph
+        order = list(nx.topological_sort(sg.graph))
+        self._topo = order
+        # Outputs that depend on the input in the full network are the targets.
+        self._sources = set(sg.inputs)
+        n = len(sg.segments)
+        pos = {s: i for i, s in enumerate(order)}
+        max_deg = max([sg.graph.in_degree(s) for s in order] + [1])
+        preds = np.full((n, max_deg), -1, dtype=np.int32)
+        for s in order:
+            ps = [pos[p] for p in sg.graph.predecessors(s)]
+            preds[pos[s], : len(ps)] = ps
+        self._preds_topo = preds
+        self._is_source_topo = np.array([s in self._sources for s in order])
+        group_topo = np.full(n, -1, dtype=np.int32)
+        for gr in self.groups:
+            group_topo[pos[gr.segment]] = gr.index
+        self._group_topo = group_topo
+        self._output_topo = pos[sg.output]
+
+    def _check_indices(self, indices: Iterable[int]) -> list[int]:
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < self.num_groups]
+        if bad:
+            raise IndexError(f"group indices {bad} out of range: the space has "
+                             f"{self.num_groups} groups (0..{self.num_groups - 1})")
+        return idx
+
+    def is_valid(self, indices: Iterable[int]) -> bool:
+        """Whether removing the groups ``indices`` keeps the output reachable from the input.
+
+        Host function; O(|V_s| + |E_s|). A removed structure outputs a constant (zero), so a
+        joint left with constant inputs only becomes constant, and the network stays valid as
+        long as the output still depends on an input (Algorithm 3, line 8).
+        """
+        removed = {self.groups[i].segment for i in self._check_indices(indices)}
+        g = self.segment_graph.graph
+        seen = set(self._sources)
+        stack = list(self._sources)
+        while stack:
+            s = stack.pop()
+            for w in g.successors(s):
+                if w not in seen and w not in removed:
+                    seen.add(w)
+                    stack.append(w)
+        return self.segment_graph.output in seen
+
+    def is_valid_mask(self, removed: jax.Array) -> jax.Array:
+        """``is_valid`` for a boolean mask over groups, usable inside ``jit``/``pmap``.
+
+        One ``lax.fori_loop`` over the segments in topological order, O(|V_s| * max in-degree).
+        """
+        removed = jnp.asarray(removed, dtype=bool)
+        group_topo = jnp.asarray(self._group_topo)
+        dead = jnp.where(group_topo >= 0, removed[jnp.maximum(group_topo, 0)], False)
+        preds = jnp.asarray(self._preds_topo)
+        sources = jnp.asarray(self._is_source_topo)
+
+        def body(i, alive):
+            p = preds[i]
+            reach = jnp.any(jnp.where(p >= 0, alive[jnp.maximum(p, 0)], False))
+            a = (sources[i] | reach) & ~dead[i]
+            return alive.at[i].set(a)
+
+        alive = jax.lax.fori_loop(0, len(self._topo), body, jnp.zeros(len(self._topo), bool))
+        return alive[self._output_topo]
+
+    # -- variables -----------------------------------------------------------------------------
+    def _leaves(self, variables: Any) -> list[Any]:
+        leaves = jax.tree_util.tree_leaves(variables)
+        if len(leaves) == len(self.trace.leaf_paths):
+            return leaves
+        raise ValueError(
+            f"variables have {len(leaves)} leaves but the search space was traced with "
+            f"{len(self.trace.leaf_paths)}; pass the same variables tree (all collections) that "
+            "generate_search_space saw"
+        )
+
+    def leaf_groups(self, tree: Any) -> list[int]:
+        """Group index of each leaf of ``tree`` (-1 for leaves outside G_s).
+
+        ``tree`` may be the full variables or a sub-tree such as ``variables["params"]``; leaves
+        are matched by path.
+        """
+        from asgssd_jax.trace import leaf_path
+
+        by_path = {self.trace.leaf_paths[i]: gr.index for gr in self.groups for i in gr.leaves}
+        known = set(self.trace.leaf_paths)
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        paths = [leaf_path(p) for p, _ in flat]
+        prefix = ""
+        if paths and paths[0] not in known:
+            for cand in ("params/", "state/"):
+                if all(cand + p in known for p in paths):
+                    prefix = cand
+                    break
+            else:
+                missing = [p for p in paths if p not in known][:3]
+                raise ValueError(
+                    f"tree leaves {missing} are not in the search space's variables; pass the "
+                    "variables (or their 'params' collection) the space was generated from")
+        return [by_path.get(prefix + p, -1) for p in paths]
+
+    def zero_groups(self, variables: Any, indices: Iterable[int]) -> Any:
+        """``variables`` with every leaf of the groups ``indices`` set to 0 (a new tree)."""
+        idx = self._check_indices(indices)
+        gid = self.leaf_groups(variables)
+        chosen = set(idx)
+        leaves, treedef = jax.tree_util.tree_flatten(variables)
+        out = [jnp.zeros_like(x) if g in chosen else x for x, g in zip(leaves, gid)]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def group_norms(self, variables: Any) -> jax.Array:
+        """L2 norm of each group, shape ``[num_groups]`` (jittable)."""
+        gid = self.leaf_groups(variables)
+        leaves = jax.tree_util.tree_leaves(variables)
+        sq = jnp.zeros(self.num_groups, jnp.float32)
+        for x, g in zip(leaves, gid):
+            if g >= 0:
+                sq = sq.at[g].add(jnp.sum(jnp.square(x.astype(jnp.float32))))
+        return jnp.sqrt(sq)
+
+    def zero_group_indices(self, variables: Any) -> list[int]:
+        """Groups whose leaves are all exactly zero in ``variables`` (host)."""
+        gid = self.leaf_groups(variables)
+        leaves = jax.tree_util.tree_leaves(variables)
+        nonzero = np.zeros(self.num_groups, bool)
+        for x, g in zip(leaves, gid):
+            if g >= 0 and np.any(np.asarray(x) != 0):
+                nonzero[g] = True
+        return [i for i in range(self.num_groups) if not nonzero[i]]
+
+    # -- reporting -----------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A table: group, segment, params, MACs; then G_s^C's size."""
+        sg = self.segment_graph
+        rows = [("group", "segment", "params", "MACs", "operators")]
+        for gr in self.groups:
+            seg = sg.segments[gr.segment]
+            mods = []
+            for v in seg.vertices:
+                m = self.trace.vertices[v].module or self.trace.vertices[v].label
+                if m not in mods:
+                    mods.append(m)
+            rows.append((f"g{gr.index}", str(gr.segment), f"{gr.num_params:,}",
+                         _human(gr.macs), ", ".join(mods)))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = []
+        for k, r in enumerate(rows):
+            lines.append("  ".join(r[c].ljust(widths[c]) if c in (0, 4) or k == 0
+                                   else r[c].rjust(widths[c]) for c in range(4)) + "  " + r[4])
+            if k == 0:
+                lines.append("-" * (sum(widths) + 8 + len(r[4])))
+        n_c = sum(int(np.prod(self._leaf_shape(i))) for i in self.complement_leaves)
+        lines.append(
+            f"{self.num_groups} removal structures in G_s ({sum(g.num_params for g in self.groups):,}"
+            f" params); G_s^C: {len(self.complement_leaves)} leaves ({n_c:,} params); segment "
+            f"graph |V_s|={sg.graph.number_of_nodes()}, |E_s|={sg.graph.number_of_edges()}")
+        return "\n".join(lines)
+
+    def _leaf_shape(self, i: int) -> tuple[int, ...]:
+        return self.trace.program.shape(self.trace.program.leaf_vars[i])
+
+
+def _human(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def discover_removal_structures(segment_graph: SegmentGraph) -> list[Group]:
+    """Algorithm 2, lines 11-15: the segments that qualify as removal structures."""
+    t = segment_graph.trace
+    g = t.graph
+    program = t.program
+    # How many segments use each leaf (weight sharing makes a leaf non-removable).
+    users: dict[int, int] = {}
+    for seg in segment_graph.segments:
+        for i in seg.leaves:
+            users[i] = users.get(i, 0) + 1
+    batch = program.shape(program.arg_vars[0])[0] if program.shape(program.arg_vars[0]) else 1
+    groups: list[Group] = []
+    for seg in segment_graph.segments:
+        if seg.kind != "op":
+            continue
+        trainable = sorted(i for i in seg.leaves if t.trainable[i])
+        if not trainable or any(users[i] > 1 for i in trainable):
+            continue
+        tail = seg.vertices[-1]
+        succs = list(g.successors(tail))
+        if not succs or not all(t.is_tolerant_joint(w) for w in succs):
+            continue
+        sites: list = []
+        ok = True
+        tail_outs = {o for i in t.vertices[tail].ops for o in program.ops[i].outvars}
+        for w in succs:
+            op = program.ops[t.vertices[w].ops[0]]
+            if op.name != "concatenate":
+                continue
+            for k, x in enumerate(op.invars):
+                if isinstance(x, int) and x in tail_outs:
+                    found = trace_channels(t, op.index, k)
+                    if found is None:
+                        ok = False
+                        break
+                    sites.extend(found)
+            if not ok:
+                break
+        if not ok:
+            continue
+        ops = [i for v in seg.vertices for i in t.vertices[v].ops]
+        macs = sum(op_macs(program.ops[i], program) for i in ops) / batch
+        groups.append(Group(
+            index=len(groups),
+            segment=seg.id,
+            leaves=tuple(trainable),
+            param_paths=tuple(t.leaf_paths[i] for i in trainable),
+            num_params=int(sum(math.prod(program.shape(program.leaf_vars[i])) for i in trainable)),
+            macs=macs,
+            concat_sites=tuple(sites),
+        ))
+    return groups
+
+
+def generate_search_space(
+    apply_fn: Callable[..., Any], variables: Any, *sample_args: Any, **sample_kwargs: Any
+) -> SearchSpace:
+    """Traces ``apply_fn(variables, *sample_args, **sample_kwargs)`` and returns its search space.
+
+    ``apply_fn`` is a linen ``model.apply``, any pure function of a parameter tree, or an
+    ``nnx.Module`` with ``variables=None``. Keyword arguments are static (pass ``train=False``
+    for inference mode where the model takes it).
+    """
+    if _is_nnx(apply_fn):
+        from asgssd_jax.trace import nnx_functional
+
+        if variables is not None:
+            from asgssd_jax.trace import TraceError
+
+            raise TraceError("pass an nnx.Module as apply_fn with variables=None")
+        apply_fn, variables = nnx_functional(apply_fn)
+    t = trace(apply_fn, variables, *sample_args, **sample_kwargs)
+    sg = build_segment_graph(t)
+    return SearchSpace(sg, discover_removal_structures(sg), apply_fn, sample_kwargs, variables)
+
+
+def _is_nnx(obj: Any) -> bool:
+    from asgssd_jax.trace import _is_nnx_module
+
+    return _is_nnx_module(obj)

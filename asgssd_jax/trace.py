@@ -1,0 +1,661 @@
+"""Trace graph: the data flow of a network's forward pass, read from its jaxpr.
+
+``trace(apply_fn, variables, *args, **kwargs)`` runs ``jax.make_jaxpr`` once, inlines nested
+jaxprs (``jit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``) into
+one flat :class:`Program`, splits its values into *data* (depending on an input) and *static*
+(parameters, constants and what is computed from them alone), and builds a :class:`TraceGraph`
+whose vertices are data operations and whose edges are data values. Static computations fold
+into the data operation that consumes them: the parameter leaves that reach an operation through
+static computations are the leaves that operation owns.
+
+Two contractions make vertices read like operators, as in the paper's pictures:
+
+* a fan-out that reconverges in a *non-tolerant* joint (``mul``, ``div``, ``dot_general`` of two
+  activations, ...) inside a single-entry single-exit region is one operator: ``silu``'s
+  ``x * sigmoid(x)``, softmax, LayerNorm, a squeeze-and-excitation gate, an attention block.
+  Regions that contain a removal-tolerant joint fed by parameterised branches are kept open so
+  that those branches stay searchable;
+* consecutive operations of one Flax module call (same name stack) on a chain are merged. This
+  merging never changes the segment graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import networkx as nx
+import numpy as np
+from jax.extend import core as jex_core
+
+__all__ = [
+    "TOLERANT_JOINTS",
+    "Op",
+    "Program",
+    "TraceError",
+    "TraceGraph",
+    "Vertex",
+    "leaf_path",
+    "trace",
+    "trace_program",
+]
+
+#: Joints where a zero input is the same as an absent input (DESIGN.md).
+TOLERANT_JOINTS = frozenset({"add", "add_any", "sub", "concatenate"})
+
+#: Call-like primitives whose body is inlined (not control flow).
+_INLINED = frozenset(
+    {
+        "jit",
+        "pjit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "checkpoint",
+        "remat",
+        "remat2",
+        "custom_lin",
+    }
+)
+
+#: Control flow: one opaque vertex, never inside a removal structure.
+CONTROL_FLOW = frozenset({"cond", "while", "scan", "switch", "fori_loop"})
+
+
+class TraceError(ValueError):
+    """The network could not be turned into a trace graph; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Op:
+    """One equation of the flattened jaxpr.
+
+    ``invars`` holds variable ids (``int``) or ``jax.extend.core.Literal`` constants.
+    """
+
+    index: int
+    primitive: Any
+    params: dict[str, Any]
+    invars: tuple[Any, ...]
+    outvars: tuple[int, ...]
+    name_stack: str
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.primitive.name
+
+    def data_invars(self, data: set[int] | frozenset[int]) -> list[int]:
+        return [v for v in self.invars if isinstance(v, int) and v in data]
+
+
+@dataclasses.dataclass(eq=False)
+class Program:
+    """A jaxpr with every nested call inlined; variables are integer ids."""
+
+    ops: list[Op]
+    leaf_vars: list[int]  # ids of the flattened ``variables`` leaves
+    arg_vars: list[int]  # ids of the flattened positional inputs
+    consts: dict[int, Any]
+    outvars: list[Any]  # ids or Literals
+    avals: dict[int, Any]
+    out_tree: Any
+    producer: dict[int, int] = dataclasses.field(default_factory=dict)  # var id -> op index
+    consumers: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    data: frozenset[int] = frozenset()  # ids of data variables
+
+    def shape(self, var: int) -> tuple[int, ...]:
+        return tuple(self.avals[var].shape)
+
+    def evaluate(self, leaves: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+        """Runs the flat program on concrete or traced values (a self-check of inlining)."""
+        env: dict[int, Any] = dict(self.consts)
+        env.update(zip(self.leaf_vars, leaves))
+        env.update(zip(self.arg_vars, args))
+        for op in self.ops:
+            ins = [v.val if isinstance(v, jex_core.Literal) else env[v] for v in op.invars]
+            outs = op.primitive.bind(*ins, **op.params)
+            if not op.primitive.multiple_results:
+                outs = [outs]
+            env.update(zip(op.outvars, outs))
+        return [v.val if isinstance(v, jex_core.Literal) else env[v] for v in self.outvars]
+
+
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_path(path: Sequence[Any]) -> str:
+    """``(DictKey('params'), DictKey('conv'), ...)`` -> ``"params/conv/..."``."""
+    parts = [_key_str(k) for k in path]
+    if parts and parts[-1] == "value":  # nnx.Variable wrappers
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def _sub_jaxpr(eqn) -> tuple[Any, list[Any]] | None:
+    if eqn.primitive.name not in _INLINED:
+        return None
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if sub is None:
+            continue
+        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+            return sub.jaxpr, list(sub.consts)
+        if hasattr(sub, "eqns"):
+            return sub, []
+    return None
+
+
+def _summarize_source(eqn) -> str:
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - private API drift
+        return ""
+
+
+def _join_stack(outer: str, inner: str) -> str:
+    if outer and inner:
+        return f"{outer}/{inner}"
+    return outer or inner
+
+
+def _flatten(closed_jaxpr, num_leaves: int, out_tree) -> Program:
+    ops: list[Op] = []
+    avals: dict[int, Any] = {}
+    consts: dict[int, Any] = {}
+    counter = [0]
+
+    def new(aval) -> int:
+        i = counter[0]
+        counter[0] += 1
+        avals[i] = aval
+        return i
+
+    def inline(jaxpr, const_vals, in_ids, stack: str) -> list[Any]:
+        env: dict[Any, Any] = {}
+
+        def read(x):
+            return x if isinstance(x, jex_core.Literal) else env[x]
+
+        for v, c in zip(jaxpr.constvars, const_vals):
+            i = new(v.aval)
+            consts[i] = c
+            env[v] = i
+        for v, i in zip(jaxpr.invars, in_ids):
+            env[v] = i
+        for eqn in jaxpr.eqns:
+            ins = [read(x) for x in eqn.invars]
+            eqn_stack = _join_stack(stack, str(eqn.source_info.name_stack))
+            sub = _sub_jaxpr(eqn)
+            if sub is not None:
+                outs = inline(sub[0], sub[1], ins, eqn_stack)
+                for o, r in zip(eqn.outvars, outs):
+                    env[o] = r
+                continue
+            out_ids = tuple(new(o.aval) for o in eqn.outvars)
+            for o, i in zip(eqn.outvars, out_ids):
+                env[o] = i
+            ops.append(
+                Op(len(ops), eqn.primitive, dict(eqn.params), tuple(ins), out_ids, eqn_stack,
+                   _summarize_source(eqn))
+            )
+        return [read(x) for x in jaxpr.outvars]
+
+    jaxpr = closed_jaxpr.jaxpr
+    in_ids = [new(v.aval) for v in jaxpr.invars]
+    outs = inline(jaxpr, list(closed_jaxpr.consts), in_ids, "")
+    prog = Program(ops, in_ids[:num_leaves], in_ids[num_leaves:], consts, outs, avals, out_tree)
+    for op in ops:
+        for o in op.outvars:
+            prog.producer[o] = op.index
+        for v in op.invars:
+            if isinstance(v, int):
+                prog.consumers.setdefault(v, []).append(op.index)
+    data = set(prog.arg_vars)
+    for op in ops:
+        if any(isinstance(v, int) and v in data for v in op.invars):
+            data.update(op.outvars)
+    prog.data = frozenset(data)
+    return prog
+
+
+def _check_leaves(flat: list[tuple[Any, Any]]) -> None:
+    for path, leaf in flat:
+        if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+                or hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TraceError(
+                f"variables leaf {leaf_path(path)!r} is a {type(leaf).__name__}, not an array; "
+                "pass only arrays in `variables` (close over configuration in apply_fn instead)"
+            )
+
+
+def _is_nnx_module(obj: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, nnx.Module)
+
+
+def nnx_functional(module) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Splits an ``nnx.Module`` into ``apply_fn(variables, *args, **kwargs)`` and variables.
+
+    ``variables`` is ``{"params": ..., "state": ...}`` of plain nested dicts, so parameter paths
+    read ``"params/linear/kernel"`` as for linen.
+    """
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    variables = {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)}
+
+    def apply_fn(variables, *args, **kwargs):
+        p = jax.tree_util.tree_map(lambda x: x, params)
+        r = jax.tree_util.tree_map(lambda x: x, rest)
+        nnx.replace_by_pure_dict(p, variables["params"])
+        nnx.replace_by_pure_dict(r, variables["state"])
+        return nnx.merge(graphdef, p, r)(*args, **kwargs)
+
+    return apply_fn, variables
+
+
+def trace_program(
+    apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any
+) -> tuple[Program, list[str], Any]:
+    """``jax.make_jaxpr`` of ``apply_fn(variables, *args, **kwargs)``, flattened.
+
+    Returns the program, the "/"-joined path of every ``variables`` leaf, and the treedef of
+    ``variables``.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    _check_leaves(flat)
+    leaves = [leaf for _, leaf in flat]
+    paths = [leaf_path(p) for p, _ in flat]
+    arg_leaves, arg_tree = jax.tree_util.tree_flatten(args)
+    if not arg_leaves:
+        raise TraceError("no sample input given: call with apply_fn, variables, *sample_inputs")
+    n = len(leaves)
+    out_tree_box: list[Any] = []
+
+    def flat_fn(*xs):
+        v = jax.tree_util.tree_unflatten(treedef, xs[:n])
+        a = jax.tree_util.tree_unflatten(arg_tree, xs[n:])
+        out = apply_fn(v, *a, **kwargs)
+        out_leaves, out_tree = jax.tree_util.tree_flatten(out)
+        out_tree_box.append(out_tree)
+        return out_leaves
+
+    try:
+        closed = jax.make_jaxpr(flat_fn)(*leaves, *arg_leaves)
+    except Exception as e:  # a user's model failing to trace is a user error
+        shapes = ", ".join(str(getattr(a, "shape", type(a).__name__)) for a in arg_leaves)
+        raise TraceError(
+            f"apply_fn could not be traced with sample inputs of shape {shapes}: "
+            f"{type(e).__name__}: {e}. Check that the sample has the shape the model expects "
+            "(with a batch dimension) and that apply_fn(variables, *args, **kwargs) runs."
+        ) from e
+    return _flatten(closed, n, out_tree_box[-1]), paths, treedef
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Vertex:
+    """An operator vertex of the trace graph."""
+
+    id: int
+    kind: str  # "input" | "op" | "output"
+    ops: tuple[int, ...]  # op indices in program order
+    primitives: tuple[str, ...]
+    module: str  # Flax module path (name stack) of the first op
+    shape: tuple[int, ...]  # shape of the vertex's (first) output
+    leaves: frozenset[int]  # indices of the variables leaves it owns
+
+    @property
+    def label(self) -> str:
+        if self.kind != "op":
+            return self.kind
+        ops = _op_summary(self.primitives)
+        return f"{self.module}\\n{ops}" if self.module else ops
+
+
+_SHORT = {
+    "conv_general_dilated": "Conv",
+    "dot_general": "Dot",
+    "reduce_window_max": "MaxPool",
+    "reduce_window_sum": "SumPool",
+    "reduce_window": "Pool",
+    "concatenate": "Concat",
+    "add": "Add",
+    "add_any": "Add",
+    "sub": "Sub",
+    "mul": "Mul",
+    "max": "Max",
+    "logistic": "Sigmoid",
+}
+
+
+def _op_summary(prims: Sequence[str]) -> str:
+    seen: list[str] = []
+    for p in prims:
+        s = _SHORT.get(p, p)
+        if s not in seen:
+            seen.append(s)
+    if len(seen) > 4:
+        seen = seen[:4] + ["..."]
+    return "-".join(seen)
+
+
+class TraceGraph:
+    """Operator vertices and data edges of one forward pass.
+
+    Attributes:
+      graph: ``networkx.DiGraph`` over vertex ids; edge attribute ``slots`` counts how many
+        operand slots of the head read the tail's outputs.
+      vertices: :class:`Vertex` by id.
+      program: the flat :class:`Program` it was read from.
+      leaf_paths: "/"-joined path of every ``variables`` leaf, in ``tree_leaves`` order.
+      trainable: whether each leaf is a trainable parameter (the ``params`` collection for linen
+        and NNX variables; every floating leaf for a plain parameter tree).
+      inputs, output: ids of the input vertices and of the single output vertex.
+    """
+
+    def __init__(self, graph, vertices, program, leaf_paths, trainable, inputs, output, treedef):
+        self.graph: nx.DiGraph = graph
+        self.vertices: dict[int, Vertex] = vertices
+        self.program: Program = program
+        self.leaf_paths: list[str] = leaf_paths
+        self.trainable: list[bool] = trainable
+        self.inputs: list[int] = inputs
+        self.output: int = output
+        self.treedef = treedef
+        self.vertex_of_op: dict[int, int] = {
+            i: v.id for v in vertices.values() for i in v.ops
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"TraceGraph(|V|={self.graph.number_of_nodes()}, |E|={self.graph.number_of_edges()}, "
+            f"ops={len(self.program.ops)}, leaves={len(self.leaf_paths)})"
+        )
+
+    def is_joint(self, v: int) -> bool:
+        return self.graph.in_degree(v) >= 2
+
+    def is_tolerant_joint(self, v: int) -> bool:
+        """A joint whose operator is removal-tolerant (add, add_any, sub, concatenate)."""
+        if not self.is_joint(v):
+            return False
+        vert = self.vertices[v]
+        if vert.kind != "op":
+            return False
+        return self.program.ops[vert.ops[0]].name in TOLERANT_JOINTS
+
+
+def _trainable_mask(paths: list[str], leaves: list[Any]) -> list[bool]:
+    top = {p.split("/", 1)[0] for p in paths}
+    if "params" in top:
+        return [p.split("/", 1)[0] == "params" for p in paths]
+    return [np.issubdtype(np.asarray(getattr(x, "dtype", np.float32)), np.floating)
+            if not hasattr(x, "dtype") else jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+            for x in leaves]
+
+
+def trace(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any) -> TraceGraph:
+    """Builds the trace graph of ``apply_fn(variables, *args, **kwargs)``.
+
+    ``apply_fn`` may be a linen ``model.apply``, any pure function of a parameter tree, or an
+    ``nnx.Module`` (then ``variables`` must be ``None``). ``kwargs`` are static (e.g.
+    ``train=False``). Runs in O(|ops|) plus the region analysis (post-dominators).
+    """
+    if _is_nnx_module(apply_fn):
+        if variables is not None:
+            raise TraceError("pass an nnx.Module as apply_fn with variables=None")
+        apply_fn, variables = nnx_functional(apply_fn)
+    prog, paths, treedef = trace_program(apply_fn, variables, *args, **kwargs)
+    trainable = _trainable_mask(paths, jax.tree_util.tree_leaves(variables))
+    return _build_graph(prog, paths, trainable, treedef)
+
+
+def _static_owners(prog: Program) -> dict[int, frozenset[int]]:
+    """Leaf indices reaching each static variable through static computations."""
+    owners: dict[int, frozenset[int]] = {v: frozenset((i,)) for i, v in enumerate(prog.leaf_vars)}
+    empty: frozenset[int] = frozenset()
+    for op in prog.ops:
+        if op.outvars and op.outvars[0] in prog.data:
+            continue
+        acc = empty
+        for v in op.invars:
+            if isinstance(v, int):
+                o = owners.get(v)
+                if o:
+                    acc = acc | o if acc else o
+        if acc:
+            for o in op.outvars:
+                owners[o] = acc
+    return owners
+
+
+def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
+    data = prog.data
+    owners = _static_owners(prog)
+    g = nx.DiGraph()
+    # Raw vertices: one per input leaf, one per data op, one output.
+    raw_ops: dict[int, list[int]] = {}
+    raw_leaves: dict[int, frozenset[int]] = {}
+    kind: dict[int, str] = {}
+    producer_vertex: dict[int, int] = {}
+    nid = 0
+    inputs = []
+    for v in prog.arg_vars:
+        kind[nid] = "input"
+        raw_ops[nid] = []
+        raw_leaves[nid] = frozenset()
+        producer_vertex[v] = nid
+        g.add_node(nid)
+        inputs.append(nid)
+        nid += 1
+    for op in prog.ops:
+        if not op.outvars or op.outvars[0] not in data:
+            continue
+        me = nid
+        nid += 1
+        kind[me] = "op"
+        raw_ops[me] = [op.index]
+        leaves: frozenset[int] = frozenset()
+        g.add_node(me)
+        for x in op.invars:
+            if not isinstance(x, int):
+                continue
+            if x in data:
+                src = producer_vertex[x]
+                if g.has_edge(src, me):
+                    g[src][me]["slots"] += 1
+                else:
+                    g.add_edge(src, me, slots=1)
+            elif x in owners:
+                leaves = leaves | owners[x]
+        raw_leaves[me] = leaves
+        for o in op.outvars:
+            producer_vertex[o] = me
+    output = nid
+    kind[output] = "output"
+    raw_ops[output] = []
+    raw_leaves[output] = frozenset()
+    g.add_node(output)
+    for x in prog.outvars:
+        if isinstance(x, int) and x in data:
+            src = producer_vertex[x]
+            if g.has_edge(src, output):
+                g[src][output]["slots"] += 1
+            else:
+                g.add_edge(src, output, slots=1)
+    if g.in_degree(output) == 0:
+        raise TraceError(
+            "the network's output does not depend on its input: nothing to search. Check that "
+            "apply_fn uses its input arguments (and that they are not closed over as constants)"
+        )
+
+    def first_prim(v: int) -> str:
+        return prog.ops[raw_ops[v][0]].name if kind[v] == "op" else kind[v]
+
+    # 1. Single-entry single-exit regions closed by a non-tolerant joint become one operator.
+    groups = _UnionFind(g.nodes)
+    _collapse_regions(g, kind, first_prim, raw_leaves, trainable, groups)
+    # 2. Chains inside one module call merge.
+    stack_of = {v: prog.ops[raw_ops[v][0]].name_stack for v in g.nodes if kind[v] == "op"}
+    for u in list(g.nodes):
+        if kind[u] != "op" or g.out_degree(u) != 1:
+            continue
+        (w,) = g.successors(u)
+        if kind[w] == "op" and g.in_degree(w) == 1 and stack_of[u] == stack_of[w]:
+            groups.union(u, w)
+    return _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inputs,
+                     output, treedef)
+
+
+class _UnionFind:
+    def __init__(self, items):
+        self.parent = {i: i for i in items}
+
+    def find(self, x):
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # keep the smaller id (earlier in program order) as representative
+            if rb < ra:
+                ra, rb = rb, ra
+            self.parent[rb] = ra
+
+
+def _collapse_regions(g, kind, first_prim, raw_leaves, trainable, groups) -> None:
+    fanouts = [v for v in g.nodes if g.out_degree(v) > 1]
+    if not fanouts:
+        return
+    sink = "__sink__"
+    rev = g.reverse(copy=True)
+    for v in g.nodes:
+        if g.out_degree(v) == 0:
+            rev.add_edge(sink, v)
+    ipdom = nx.immediate_dominators(rev, sink)
+    has_params = {v: any(trainable[i] for i in raw_leaves[v]) for v in g.nodes}
+    for v in fanouts:
+        p = ipdom.get(v)
+        if p is None or p == sink or kind[p] != "op":
+            continue
+        if first_prim(p) in TOLERANT_JOINTS:
+            continue
+        # the region: everything reached from v before p
+        region: list[int] = []
+        seen = {v, p}
+        stack = list(g.successors(v))
+        ok = True
+        while stack:
+            u = stack.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if kind[u] != "op":
+                ok = False
+                break
+            region.append(u)
+            stack.extend(g.successors(u))
+        if not ok:
+            continue
+        members = set(region) | {p}
+        allowed = members | {v}
+        if any(pred not in allowed for u in members for pred in g.predecessors(u)):
+            continue  # not single-entry
+        if not _region_keeps_no_searchable_branch(g, region, members, v, first_prim, has_params):
+            continue
+        for u in members:
+            groups.union(p, u)
+
+
+def _region_keeps_no_searchable_branch(g, region, members, entry, first_prim, has_params) -> bool:
+    """False when a tolerant joint inside the region is fed by two parameterised branches."""
+    sub = g.subgraph(members)
+    upstream: dict[int, bool] = {}
+    for u in nx.topological_sort(sub):
+        upstream[u] = has_params[u] or any(upstream.get(q, False) for q in sub.predecessors(u))
+        if first_prim(u) in TOLERANT_JOINTS and g.in_degree(u) >= 2:
+            fed = sum(1 for q in g.predecessors(u) if q in members and upstream.get(q, False))
+            if fed >= 2 or (fed >= 1 and has_params[entry]):
+                return False
+    return True
+
+
+def _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inputs, output,
+              treedef) -> TraceGraph:
+    members: dict[int, list[int]] = {}
+    for v in g.nodes:
+        members.setdefault(groups.find(v), []).append(v)
+    # Renumber in program order: inputs, ops by first op index, output.
+    def order_key(root):
+        k = kind[root]
+        if k == "input":
+            return (0, root)
+        if k == "output":
+            return (2, root)
+        return (1, min(raw_ops[m][0] for m in members[root]))
+
+    roots = sorted(members, key=order_key)
+    new_id = {r: i for i, r in enumerate(roots)}
+    vertices: dict[int, Vertex] = {}
+    cg = nx.DiGraph()
+    for r in roots:
+        ms = members[r]
+        ops = tuple(sorted(i for m in ms for i in raw_ops[m]))
+        leaves = frozenset().union(*(raw_leaves[m] for m in ms))
+        k = kind[r]
+        if k == "op":
+            first = prog.ops[ops[0]]
+            last = prog.ops[ops[-1]]
+            shape = prog.shape(last.outvars[0]) if last.outvars else ()
+            module = _module_of(first.name_stack)
+            prims = tuple(prog.ops[i].name for i in ops)
+        elif k == "input":
+            shape = prog.shape(prog.arg_vars[inputs.index(r)])
+            module, prims = "", ()
+        else:
+            shape, module, prims = (), "", ()
+        vid = new_id[r]
+        vertices[vid] = Vertex(vid, k, ops, prims, module, shape, leaves)
+        cg.add_node(vid)
+    for u, w, d in g.edges(data=True):
+        a, b = new_id[groups.find(u)], new_id[groups.find(w)]
+        if a == b:
+            continue
+        if cg.has_edge(a, b):
+            cg[a][b]["slots"] += d["slots"]
+        else:
+            cg.add_edge(a, b, slots=d["slots"])
+    return TraceGraph(cg, vertices, prog, paths, trainable,
+                      [new_id[i] for i in inputs], new_id[output], treedef)
+
+
+def _module_of(name_stack: str) -> str:
+    """Drops JAX transform wrappers such as ``jvp(...)`` from a name stack."""
+    parts = []
+    for p in name_stack.split("/"):
+        if not p:
+            continue
+        while "(" in p and p.endswith(")"):
+            p = p[p.index("(") + 1 : -1]
+        parts.append(p)
+    return "/".join(parts)

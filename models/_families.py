@@ -1,0 +1,13 @@
+"""Imports every zoo family so that each registers its networks."""
+
+from models import (  # noqa: F401
+    darts,
+    densenet,
+    mobilenet_v2,
+    ofa,
+    regnet,
+    resnet,
+    stacked_unets,
+    super_resnet,
+    vit,
+)
