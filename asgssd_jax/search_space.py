@@ -23,7 +23,7 @@ import numpy as np
 
 from asgssd_jax.cost import op_macs
 from asgssd_jax.segments import SegmentGraph, build_segment_graph
-from asgssd_jax.trace import TraceGraph, trace
+from asgssd_jax.trace import CONTROL_FLOW, TraceGraph, trace
 
 __all__ = [
     "ChannelSite",
@@ -303,7 +303,7 @@ class SearchSpace:
             preds[pos[s], : len(ps)] = ps
         self._preds_topo = preds
         self._is_source_topo = np.array([s in self._sources for s in order])
-        group_topo = np.full(n, -1, dtype=np.int32)
+        group_topo = np.full(n, len(self.groups), dtype=np.int32)
         for gr in self.groups:
             group_topo[pos[gr.segment]] = gr.index
         self._group_topo = group_topo
@@ -341,9 +341,13 @@ class SearchSpace:
 
         One ``lax.fori_loop`` over the segments in topological order, O(|V_s| * max in-degree).
         """
-        removed = jnp.asarray(removed, dtype=bool)
-        group_topo = jnp.asarray(self._group_topo)
-        dead = jnp.where(group_topo >= 0, removed[jnp.maximum(group_topo, 0)], False)
+        removed = jnp.asarray(removed, dtype=bool).reshape(-1)
+        if removed.shape[0] != self.num_groups:
+            raise ValueError(f"mask has {removed.shape[0]} entries; the space has "
+                             f"{self.num_groups} groups")
+        # index num_groups (a padded False) stands for "not a removal structure"
+        padded = jnp.concatenate([removed, jnp.zeros(1, bool)])
+        dead = padded[jnp.asarray(self._group_topo)]
         preds = jnp.asarray(self._preds_topo)
         sources = jnp.asarray(self._is_source_topo)
 
@@ -478,6 +482,8 @@ def discover_removal_structures(segment_graph: SegmentGraph) -> list[Group]:
         trainable = sorted(i for i in seg.leaves if t.trainable[i])
         if not trainable or any(users[i] > 1 for i in trainable):
             continue
+        if any(p in CONTROL_FLOW for v in seg.vertices for p in t.vertices[v].primitives):
+            continue  # control flow is never inside a removal structure
         tail = seg.vertices[-1]
         succs = list(g.successors(tail))
         if not succs or not all(t.is_tolerant_joint(w) for w in succs):
