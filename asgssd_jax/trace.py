@@ -615,6 +615,17 @@ def _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inpu
         return (1, min(raw_ops[m][0] for m in members[root]))
 
     roots = sorted(members, key=order_key)
+    # A linen model's name stack starts with its class name: drop a root shared by all ops.
+    stacks = {_module_of(prog.ops[i].name_stack) for i in range(len(prog.ops))}
+    heads = {s.split("/", 1)[0] for s in stacks}
+    strip = next(iter(heads)) + "/" if len(heads) == 1 and "" not in heads else None
+
+    def module_path(stack: str) -> str:
+        m = _module_of(stack)
+        if strip is None:
+            return m
+        return m[len(strip):] if m.startswith(strip) else ("" if m == strip[:-1] else m)
+
     new_id = {r: i for i, r in enumerate(roots)}
     vertices: dict[int, Vertex] = {}
     cg = nx.DiGraph()
@@ -627,7 +638,7 @@ def _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inpu
             first = prog.ops[ops[0]]
             last = prog.ops[ops[-1]]
             shape = prog.shape(last.outvars[0]) if last.outvars else ()
-            module = _module_of(first.name_stack)
+            module = module_path(first.name_stack)
             prims = tuple(prog.ops[i].name for i in ops)
         elif k == "input":
             shape = prog.shape(prog.arg_vars[inputs.index(r)])
