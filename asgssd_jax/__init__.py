@@ -3,7 +3,7 @@
 from asgssd_jax.cost import count_macs, count_params
 from asgssd_jax.search_space import Group, SearchSpace, generate_search_space
 from asgssd_jax.segments import Segment, SegmentGraph, build_segment_graph
-from asgssd_jax.trace import TraceError, TraceGraph, trace
+from asgssd_jax.trace import TraceError, TraceGraph, trace, trace_program
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,5 @@ __all__ = [
     "count_params",
     "generate_search_space",
     "trace",
+    "trace_program",
 ]

@@ -189,7 +189,9 @@ def _through_reshape(s: ChannelState, old: Sequence[int], new: Sequence[int]):
     return None
 
 
-def trace_channels(trace_graph: TraceGraph, concat_op: int, operand: int) -> list[ChannelSite] | None:
+def trace_channels(
+    trace_graph: TraceGraph, concat_op: int, operand: int
+) -> list[ChannelSite] | None:
     """Follows operand ``operand`` of concatenate op ``concat_op`` to the contractions that
     consume its channels. Returns those sites, or None when the channels reach anything else
     (another data operand, a reduction over them, the output, ...)."""
@@ -448,8 +450,8 @@ class SearchSpace:
                 lines.append("-" * (sum(widths) + 8 + len(r[4])))
         n_c = sum(int(np.prod(self._leaf_shape(i))) for i in self.complement_leaves)
         lines.append(
-            f"{self.num_groups} removal structures in G_s ({sum(g.num_params for g in self.groups):,}"
-            f" params); G_s^C: {len(self.complement_leaves)} leaves ({n_c:,} params); segment "
+            f"{self.num_groups} removal structures in G_s "
+            f"({sum(g.num_params for g in self.groups):,} params); G_s^C: {len(self.complement_leaves)} leaves ({n_c:,} params); segment "
             f"graph |V_s|={sg.graph.number_of_nodes()}, |E_s|={sg.graph.number_of_edges()}")
         return "\n".join(lines)
 

@@ -22,7 +22,7 @@ Two contractions make vertices read like operators, as in the paper's pictures:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
