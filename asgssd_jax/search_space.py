@@ -451,8 +451,9 @@ class SearchSpace:
         n_c = sum(int(np.prod(self._leaf_shape(i))) for i in self.complement_leaves)
         lines.append(
             f"{self.num_groups} removal structures in G_s "
-            f"({sum(g.num_params for g in self.groups):,} params); G_s^C: {len(self.complement_leaves)} leaves ({n_c:,} params); segment "
-            f"graph |V_s|={sg.graph.number_of_nodes()}, |E_s|={sg.graph.number_of_edges()}")
+            f"({sum(g.num_params for g in self.groups):,} params); "
+            f"G_s^C: {len(self.complement_leaves)} leaves ({n_c:,} params); segment graph "
+            f"|V_s|={sg.graph.number_of_nodes()}, |E_s|={sg.graph.number_of_edges()}")
         return "\n".join(lines)
 
     def _leaf_shape(self, i: int) -> tuple[int, ...]:
