@@ -1,0 +1,235 @@
+"""A reference training loop: jit, data-parallel over every device, orbax checkpoints.
+
+``fit`` trains any linen classifier (``apply(variables, x, train=...)``; BatchNorm statistics in
+``batch_stats``) with any optax transformation, H2SPG included. Batches are sharded over a 1-D
+``Mesh`` of all devices (of all processes after ``jax.distributed.initialize``) along the batch
+axis, parameters are replicated; XLA then computes BatchNorm statistics and gradients over the
+global batch, so one device and N devices (or N processes) give the same result for the same
+global batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "TrainState",
+    "cosine_schedule",
+    "cross_entropy",
+    "evaluate",
+    "fit",
+    "make_mesh",
+    "make_train_step",
+    "multi_cosine_schedule",
+]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def cosine_schedule(learning_rate: float, total_steps: int) -> optax.Schedule:
+    """Cosine annealing from ``learning_rate`` to 0 over ``total_steps``."""
+    return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+
+
+def multi_cosine_schedule(learning_rate: float, total_steps: int, periods: int) -> optax.Schedule:
+    """Cosine annealing restarted ``periods`` times (the paper's DARTS / SuperResNet setting)."""
+    period = max(total_steps // max(periods, 1), 1)
+    return optax.join_schedules(
+        [optax.cosine_decay_schedule(learning_rate, period) for _ in range(periods)],
+        [period * (i + 1) for i in range(periods - 1)],
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy; ``labels`` are class ids or (MixUp) soft labels."""
+    if labels.ndim == logits.ndim:
+        return optax.softmax_cross_entropy(logits, labels).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_mesh(devices: Iterable[Any] | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over ``devices`` (default: every device of every process)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return Mesh(np.array(devices), ("data",))
+
+
+def _split(variables: Any) -> tuple[Any, Any]:
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformation,
+                    mesh: Mesh, loss_fn: Callable[..., jax.Array] = cross_entropy):
+    """A jitted ``step(state, x, y) -> (state, metrics)`` sharded over ``mesh``'s batch axis."""
+    replicated = NamedSharding(mesh, P())
+    batch = NamedSharding(mesh, P("data"))
+
+    def step(state: TrainState, x, y):
+        def loss(params):
+            variables = {"params": params}
+            if state.batch_stats:
+                variables["batch_stats"] = state.batch_stats
+                logits, new = apply_fn(variables, x, train=True, mutable=["batch_stats"])
+                stats = new["batch_stats"]
+            else:
+                logits, stats = apply_fn(variables, x, train=True), state.batch_stats
+            return loss_fn(logits, y), (logits, stats)
+
+        (value, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        hard = y if y.ndim == 1 else jnp.argmax(y, -1)
+        metrics = {"loss": value, "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard),
+                   "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, stats, opt_state), metrics
+
+    return jax.jit(step, in_shardings=(replicated, batch, batch),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def _global_batch(mesh: Mesh, x: np.ndarray) -> jax.Array:
+    """A global array from this process's share of the batch."""
+    sharding = NamedSharding(mesh, P("data"))
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, x)
+
+
+def evaluate(apply_fn: Callable[..., Any], variables: Any,
+             batches: Iterable[tuple[np.ndarray, np.ndarray]], mesh: Mesh | None = None
+             ) -> dict[str, float]:
+    """Accuracy and loss in inference mode over ``batches`` (any batch sizes)."""
+    mesh = mesh or make_mesh()
+    n_dev = mesh.devices.size
+
+    @jax.jit
+    def logits_fn(v, x):
+        return apply_fn(v, x, train=False)
+
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in batches:
+        n = len(x)
+        pad = (-n) % n_dev
+        xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        logits = np.asarray(logits_fn(variables, _global_batch(mesh, xp)))[:n]
+        hard = y if y.ndim == 1 else y.argmax(-1)
+        correct += int((logits.argmax(-1) == hard).sum())
+        loss_sum += float(cross_entropy(jnp.asarray(logits), jnp.asarray(y))) * n
+        total += n
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+
+
+@dataclasses.dataclass
+class History:
+    """Per-step metrics and per-epoch evaluations of a run."""
+
+    steps: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    epochs: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    start_step: int = 0  # > 0 when the run resumed from a checkpoint
+
+
+def fit(
+    apply_fn: Callable[..., Any],
+    variables: Any,
+    tx: optax.GradientTransformation,
+    train_batches: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray]]],
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    eval_batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
+    mesh: Mesh | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, float], TrainState], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[Any, History]:
+    """Trains for ``epochs`` x ``steps_per_epoch`` steps; returns the variables and history.
+
+    ``train_batches(epoch)`` yields this process's share of every global batch of that epoch,
+    deterministically (a resumed run skips the batches already seen). With ``checkpoint_dir``,
+    the state is saved with orbax every ``checkpoint_every`` steps and at the end of each epoch;
+    ``resume=True`` continues from the latest checkpoint to the same final parameters.
+    """
+    mesh = mesh or make_mesh()
+    params, stats = _split(variables)
+    state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    manager = None
+    history = History()
+    if checkpoint_dir is not None:
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager(
+            Path(checkpoint_dir).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+        )
+        if resume and manager.latest_step() is not None:
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+            state = manager.restore(manager.latest_step(),
+                                    args=ocp.args.StandardRestore(abstract))
+    step_fn = make_train_step(apply_fn, tx, mesh)
+    start = history.start_step = int(state.step)
+    first_epoch, skip = divmod(start, steps_per_epoch)
+    for epoch in range(first_epoch, epochs):
+        t0 = time.perf_counter()
+        it = train_batches(epoch)
+        for i in range(steps_per_epoch):
+            x, y = next(it)
+            if epoch == first_epoch and i < skip:
+                continue
+            state, metrics = step_fn(state, _global_batch(mesh, x), _global_batch(mesh, y))
+            step = int(state.step)
+            if manager is not None and checkpoint_every and step % checkpoint_every == 0:
+                _save(manager, step, state)
+            if on_step is not None or step % 10 == 0 or i == steps_per_epoch - 1:
+                m = {k: float(v) for k, v in metrics.items()}
+                m["step"] = step
+                history.steps.append(m)
+                if on_step is not None:
+                    on_step(step, m, state)
+        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0}
+        if eval_batches is not None:
+            v = {"params": state.params, "batch_stats": state.batch_stats}
+            record.update({f"eval_{k}": val
+                           for k, val in evaluate(apply_fn, v, eval_batches(), mesh).items()})
+        history.epochs.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, record)
+        if manager is not None:
+            _save(manager, int(state.step), state)
+    if manager is not None:
+        manager.wait_until_finished()
+    out = {"params": state.params}
+    if state.batch_stats:
+        out["batch_stats"] = state.batch_stats
+    return out, history
+
+
+def _save(manager, step: int, state: TrainState) -> None:
+    import orbax.checkpoint as ocp
+
+    if manager.latest_step() == step:
+        return
+    manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(math.floor(num_examples / batch_size), 1)
