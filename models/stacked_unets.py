@@ -52,12 +52,12 @@ class UNetA(nn.Module):
         s1 = _bn(train, "l1_bn")(relu(Conv(self.a1, name="l1_conv2")(s1)))
         s2 = Conv(self.a2, name="l2_conv1")(_pool(s1))
         s2 = Conv(self.a1, name="l2_conv2")(s2)
-        r1 = Conv(self.a3, name="l3_conv1")(_pool(s2))  # R1
+        r1 = Conv(self.a3, name="l3_conv1")(_pool(s2))  # removal structure R1
         r1 = _up(Conv(self.a1, name="l3_conv2")(r1))
         y = _up(s2 + r1) + s1
         y = Conv(self.a1, name="d1_conv1")(y)  # R2
         y = _up(relu(_bn(train, "d1_bn")(Conv(self.a0, name="d1_conv2")(y))))
-        y = relu(y + s0)  # R3
+        y = relu(y + s0)  # R3 starts at this ReLU
         return _bn(train, "out_bn")(relu(Conv(self.features, name="out_conv")(y)))
 
 
@@ -79,13 +79,13 @@ class UNetB(nn.Module):
         t2 = relu(Conv(self.b2, strides=2, name="l2_conv1")(t1))
         t2 = Conv(self.b2, name="l2_conv2")(_bn(train, "l2_bn")(t2))
         t2 = Conv(self.b1, name="l2_conv3")(t2)
-        r4 = Conv(self.b3, strides=2, name="l3_conv1")(t2)  # R4
+        r4 = Conv(self.b3, strides=2, name="l3_conv1")(t2)  # removal structure R4
         r4 = Conv(self.b3, name="l3_conv2")(r4)
         r4 = _up(Conv(self.b1, name="l3_conv3")(r4))
         y = _up(t2 + r4) + t1
         y = Conv(self.b1, name="d1_conv1")(y)  # R5
         y = _up(relu(_bn(train, "d1_bn")(Conv(self.b0, name="d1_conv2")(y))))
-        y = relu(y + t0)  # R6
+        y = relu(y + t0)  # R6 starts at this ReLU
         return _bn(train, "out_bn")(relu(Conv(self.features, name="out_conv")(y)))
 
 
