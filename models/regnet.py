@@ -51,10 +51,12 @@ class RegNet(nn.Module):
     group_width: int = REGNETX["800m"][2]
     strides: tuple[int, ...] = (1, 1, 2, 2)
     stem_width: int = 64
+    stem_strides: int = 1  # 2 with strides (2, 2, 2, 2) and stem_width 32: the ImageNet layout
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(self.stem_width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
+        x = nn.Conv(self.stem_width, (3, 3), self.stem_strides, padding=1, use_bias=False,
+                    name="stem_conv")(x)
         x = jax.nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                      name="stem_bn")(x))
         for i, (width, depth, strides) in enumerate(zip(self.widths, self.depths, self.strides)):
