@@ -171,7 +171,8 @@ def fit(
     mesh = mesh or make_mesh()
     params, stats = _split(variables)
     state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    # a copy: the jitted step donates its state, and the caller keeps ``variables``
+    state = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), NamedSharding(mesh, P()))
     manager = None
     history = History()
     if checkpoint_dir is not None:

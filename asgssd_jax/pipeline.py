@@ -1,0 +1,298 @@
+"""Algorithm 1 end to end: search space -> H2SPG training -> sub-network -> fine-tuning.
+
+``run(RunConfig(...))`` trains a zoo network on a dataset and leaves in ``config.out``: the
+report (``report.json``, ``report.md``), pictures of the trace graph, the segment graph, the
+redundant structures and the sub-network (SVG), plots of loss/accuracy and group sparsity
+(PNG), the sub-network's orbax checkpoint and its ``jax.export`` artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import models
+from asgssd_jax import data as data_lib
+from asgssd_jax import train as train_lib
+from asgssd_jax.cost import count_macs, count_params
+from asgssd_jax.optim import h2spg, h2spg_info
+from asgssd_jax.search_space import generate_search_space
+
+__all__ = ["RunConfig", "run"]
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything one run needs; every field is a flag of ``asgssd run``."""
+
+    model: str = "demonet"
+    dataset: str = "digits"
+    target_sparsity: float = 0.5
+    epochs: int = 6
+    warmup_epochs: int = 2
+    projection_epochs: int = 2
+    finetune_epochs: int = 0
+    batch_size: int = 64
+    learning_rate: float = 0.1
+    schedule: str = "cosine"  # cosine | multi_cosine | constant
+    periods: int = 2
+    base: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    mixup: float = 0.0
+    seed: int = 0
+    data_dir: str | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    baseline: bool = False  # also train the full network with the base optimizer alone
+    out: str = "runs/demonet-digits"
+    resume: bool = False
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # model fields
+
+    def validate(self) -> None:
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"--target-sparsity must be in [0, 1), got {self.target_sparsity}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("--epochs and --batch-size must be at least 1")
+        if self.warmup_epochs < 1 or self.projection_epochs < 1:
+            raise ValueError("--warmup-epochs and --projection-epochs must be at least 1")
+        if self.warmup_epochs + self.projection_epochs > self.epochs:
+            raise ValueError(
+                f"--warmup-epochs ({self.warmup_epochs}) + --projection-epochs "
+                f"({self.projection_epochs}) must not exceed --epochs ({self.epochs})")
+        if self.schedule not in ("cosine", "multi_cosine", "constant"):
+            raise ValueError("--schedule must be cosine, multi_cosine or constant")
+
+
+def _schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
+    if cfg.schedule == "cosine":
+        return train_lib.cosine_schedule(cfg.learning_rate, total_steps)
+    if cfg.schedule == "multi_cosine":
+        return train_lib.multi_cosine_schedule(cfg.learning_rate, total_steps, cfg.periods)
+    return optax.constant_schedule(cfg.learning_rate)
+
+
+def _base_tx(cfg: RunConfig, schedule) -> optax.GradientTransformation:
+    if cfg.base == "sgd":
+        tx = optax.sgd(schedule, momentum=cfg.momentum or None)
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx) \
+            if cfg.weight_decay else tx
+    if cfg.base == "adamw":
+        return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    return optax.adam(schedule)
+
+
+def _versions() -> dict[str, str]:
+    import flax
+
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "device": str(jax.devices()[0].device_kind), "devices": str(jax.device_count())}
+
+
+class _Progress:
+    """A rich progress bar when rich is installed and the output is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                           TimeRemainingColumn)
+
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                    MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                    TimeRemainingColumn(), transient=False)
+            except ImportError:  # pragma: no cover
+                self.bar = None
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def task(self, description: str, total: int):
+        if self.bar is None:
+            return None
+        return self.bar.add_task(description, total=total, info="")
+
+    def update(self, task, advance: int = 1, **fields):
+        if self.bar is not None and task is not None:
+            self.bar.update(task, advance=advance, **fields)
+
+
+def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = True
+        ) -> dict[str, Any]:
+    """Runs Algorithm 1 and writes the run directory; returns the report (as report.json)."""
+    from asgssd_jax import report as report_lib
+    from asgssd_jax.export import export_subnetwork, save_subnetwork
+    from asgssd_jax.surgery import construct_subnetwork
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = models.spec(cfg.model)
+    ds = data_lib.load(cfg.dataset, data_dir=cfg.data_dir, input_shape=spec.input_shape,
+                       train_size=cfg.train_size, test_size=cfg.test_size)
+    model = models.create(cfg.model, num_classes=ds.num_classes, **cfg.overrides)
+    sample = jnp.zeros((1, *ds.input_shape), jnp.float32)
+    variables = jax.jit(model.init)(jax.random.key(cfg.seed), sample)
+    t0 = time.perf_counter()
+    space = generate_search_space(model.apply, variables, sample, train=False)
+    generation_seconds = time.perf_counter() - t0
+    log(f"{cfg.model} on {cfg.dataset}: {count_params(variables):,} params, "
+        f"{space.num_groups} removal structures (generated in {generation_seconds:.2f} s)")
+
+    spe = data_lib.num_batches(ds.train, cfg.batch_size)
+    total = cfg.epochs * spe
+    schedule = _schedule(cfg, total)
+    tx = h2spg(space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
+               projection_steps=cfg.projection_epochs * spe, base=_base_tx(cfg, schedule))
+    k = int(cfg.target_sparsity * space.num_groups)
+
+    def train_batches(epoch: int, split=ds.train, augment=ds.augment, seed=cfg.seed):
+        return data_lib.batches(split, cfg.batch_size, seed=seed, epoch=epoch,
+                                augment=augment, mixup_alpha=cfg.mixup)
+
+    def eval_batches():
+        return data_lib.batches(ds.test, 256, shuffle=False, drop_remainder=False)
+
+    sparsity_curve: list[dict[str, float]] = []
+    last = {"redundant": np.zeros(space.num_groups, bool),
+            "saliency": np.zeros(space.num_groups, np.float32)}
+
+    with _Progress(progress) as bar:
+        task = bar.task("H2SPG", total - 0)
+
+        def on_step(step, metrics, state):
+            info = h2spg_info(state.opt_state)
+            last["redundant"] = np.asarray(info.redundant)
+            last["saliency"] = np.asarray(info.saliency)
+            zeros = int(np.sum(np.asarray(info.zero_groups)))
+            sparsity_curve.append({"step": step, "zero_groups": zeros,
+                                   "redundant": int(np.sum(np.asarray(info.redundant)))})
+            bar.update(task, info=f"loss {metrics['loss']:.3f} zero groups {zeros}/{k}")
+
+        def on_epoch(epoch, record):
+            log(f"epoch {epoch}/{cfg.epochs}: " + ", ".join(
+                f"{key} {val:.4f}" for key, val in record.items() if key != "epoch"))
+
+        t_train = time.perf_counter()
+        trained, history = train_lib.fit(
+            model.apply, variables, tx, train_batches, epochs=cfg.epochs, steps_per_epoch=spe,
+            eval_batches=eval_batches, checkpoint_dir=out / "checkpoints" / "h2spg",
+            checkpoint_every=spe, resume=cfg.resume, on_step=on_step, on_epoch=on_epoch)
+        train_seconds = time.perf_counter() - t_train
+
+        baseline = None
+        if cfg.baseline:
+            dense, dense_hist = train_lib.fit(
+                model.apply, variables, _base_tx(cfg, schedule), train_batches,
+                epochs=cfg.epochs, steps_per_epoch=spe, eval_batches=eval_batches,
+                on_epoch=lambda e, r: log(f"baseline epoch {e}: eval accuracy "
+                                          f"{r['eval_accuracy']:.4f}"))
+            baseline = {"eval_accuracy": dense_hist.epochs[-1]["eval_accuracy"],
+                        "history": dense_hist.epochs}
+
+    zero = space.zero_group_indices(trained)
+    t_sub = time.perf_counter()
+    sub = construct_subnetwork(space, trained)
+    construct_seconds = time.perf_counter() - t_sub
+    full_eval = train_lib.evaluate(model.apply, trained, eval_batches())
+    sub_eval = train_lib.evaluate(sub.apply, sub.variables, eval_batches())
+    x_check = next(iter(eval_batches()))[0][:32]
+    ref = model.apply(trained, x_check, train=False)
+    got = sub.apply(sub.variables, x_check, train=False)
+    exact_err = float(jnp.max(jnp.abs(ref - got)) / (jnp.max(jnp.abs(ref)) + 1e-12))
+    log(f"sub-network: {count_params(sub.variables):,} params; accuracy full "
+        f"{full_eval['accuracy']:.4f}, sub {sub_eval['accuracy']:.4f}; relative difference "
+        f"to the zeroed full network {exact_err:.2e}")
+
+    finetune = None
+    sub_variables = sub.variables
+    if cfg.finetune_epochs:
+        ft_tx = _base_tx(cfg, train_lib.cosine_schedule(cfg.learning_rate * 0.1,
+                                                        cfg.finetune_epochs * spe))
+        sub_variables, ft_hist = train_lib.fit(
+            sub.apply, sub.variables, ft_tx, lambda e: train_batches(e + cfg.epochs),
+            epochs=cfg.finetune_epochs, steps_per_epoch=spe, eval_batches=eval_batches)
+        finetune = {"eval_accuracy": ft_hist.epochs[-1]["eval_accuracy"],
+                    "history": ft_hist.epochs}
+        log(f"fine-tuned sub-network: eval accuracy {finetune['eval_accuracy']:.4f}")
+
+    ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, sub_variables, force=True)
+    exported = export_subnetwork(sub, x_check, path=out / "subnetwork.jax_export",
+                                 variables=sub_variables, train=False)
+    del exported
+
+    report = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "config": dataclasses.asdict(cfg),
+        "search_space": {"num_groups": space.num_groups, "K": k,
+                         "generation_seconds": generation_seconds,
+                         "groups": [{"index": g.index, "params": g.num_params, "macs": g.macs,
+                                     "param_paths": list(g.param_paths)}
+                                    for g in space.groups]},
+        "full": {"params": count_params(trained),
+                 "macs": count_macs(model.apply, trained, sample, train=False),
+                 "eval_accuracy": full_eval["accuracy"], "eval_loss": full_eval["loss"]},
+        "subnetwork": {"params": count_params(sub_variables),
+                       "macs": count_macs(sub.apply, sub_variables, sample, train=False),
+                       "eval_accuracy": sub_eval["accuracy"],
+                       "relative_difference_to_zeroed_full": exact_err,
+                       "construction_seconds": construct_seconds,
+                       "checkpoint": str(ckpt), "export": str(out / "subnetwork.jax_export")},
+        "zero_groups": zero,
+        "redundant_groups": [int(i) for i in np.flatnonzero(last["redundant"])],
+        "search_cost_seconds": _search_cost(space, last["saliency"], k),
+        "train_seconds": train_seconds,
+        "history": {"steps": history.steps, "epochs": history.epochs,
+                    "sparsity": sparsity_curve},
+        "baseline": baseline,
+        "finetune": finetune,
+        "versions": _versions(),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    report_lib.write_all(report, space, sub, out, sample)
+    log(f"wrote {out}/report.md, report.json, pictures and plots")
+    return report
+
+
+def _search_cost(space, saliency: np.ndarray, k: int) -> float:
+    """Seconds the hierarchical search (Algorithm 3, lines 3-10) takes, compiled: the paper's
+    "search cost"."""
+    from asgssd_jax.optim.h2spg import search_graph
+    from asgssd_jax.optim.search import hierarchical_search
+
+    graph = search_graph(space)
+    fn = jax.jit(lambda s: hierarchical_search(graph, s, k))
+    fn(saliency).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        fn(saliency).block_until_ready()
+    return (time.perf_counter() - t0) / 10
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)

@@ -1,0 +1,51 @@
+"""The asgssd command end to end, on a small synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asgssd_jax import cli
+from asgssd_jax.pipeline import RunConfig, run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(model="demonet", dataset="synthetic", train_size=96, test_size=64,
+                    epochs=2, warmup_epochs=1, projection_epochs=1, batch_size=32,
+                    target_sparsity=0.5, finetune_epochs=1, out=str(out))
+    run(cfg, log=lambda s: None, progress=False)
+    return out
+
+
+def test_run_leaves_report_pictures_plots_checkpoint_and_export(run_dir):
+    for name in ("report.json", "report.md", "trace_graph.dot", "segment_graph.dot",
+                 "redundant_structures.dot", "subnetwork.dot", "loss_accuracy.png",
+                 "group_sparsity.png", "subnetwork.jax_export"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "subnetwork_checkpoint").is_dir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["search_space"]["num_groups"] == 5 and report["search_space"]["K"] == 2
+    assert len(report["zero_groups"]) == 2
+    assert report["subnetwork"]["params"] < report["full"]["params"]
+    assert report["subnetwork"]["macs"] < report["full"]["macs"]
+    assert report["subnetwork"]["relative_difference_to_zeroed_full"] <= 1e-5
+    assert report["finetune"] is not None
+    assert "g" in (run_dir / "report.md").read_text()
+
+
+def test_cli_user_errors_have_no_traceback(capsys):
+    assert cli.main(["run", "--target-sparsity", "1.0"]) == 2
+    assert "must be in [0, 1)" in capsys.readouterr().err
+    assert cli.main(["run", "--model", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert cli.main(["run", "--dataset", "cifar10", "--data-dir", "/nonexistent"]) == 2
+    assert "data" in capsys.readouterr().err
+
+
+def test_cli_models_lists_the_zoo(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "demonet" in out and "darts_8cells" in out
