@@ -112,6 +112,8 @@ def _add_run_parser(sub) -> None:
                    choices=["cosine", "multi_cosine", "constant"], help="learning-rate schedule")
     p.add_argument("--periods", type=int, default=d.periods,
                    help="cosine periods for --schedule multi_cosine")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["h2spg", "dhspg", "proxsg_plus"],
+                   help="H2SPG, or a baseline of the paper's ablation (Table 4)")
     p.add_argument("--base", default=d.base, choices=["sgd", "adam", "adamw"],
                    help="base optimizer for the important groups")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")

@@ -25,7 +25,7 @@ import models
 from asgssd_jax import data as data_lib
 from asgssd_jax import train as train_lib
 from asgssd_jax.cost import count_macs, count_params
-from asgssd_jax.optim import h2spg, h2spg_info
+from asgssd_jax.optim import dhspg, h2spg, h2spg_info, proxsg_plus
 from asgssd_jax.search_space import generate_search_space
 
 __all__ = ["RunConfig", "run"]
@@ -47,6 +47,7 @@ class RunConfig:
     schedule: str = "cosine"  # cosine | multi_cosine | constant
     periods: int = 2
     base: str = "sgd"
+    optimizer: str = "h2spg"  # h2spg | dhspg | proxsg_plus (the Table 4 ablation)
     momentum: float = 0.9
     weight_decay: float = 0.0
     mixup: float = 0.0
@@ -70,8 +71,13 @@ class RunConfig:
             raise ValueError(
                 f"--warmup-epochs ({self.warmup_epochs}) + --projection-epochs "
                 f"({self.projection_epochs}) must not exceed --epochs ({self.epochs})")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(_OPTIMIZERS)}")
         if self.schedule not in ("cosine", "multi_cosine", "constant"):
             raise ValueError("--schedule must be cosine, multi_cosine or constant")
+
+
+_OPTIMIZERS = {"h2spg": h2spg, "dhspg": dhspg, "proxsg_plus": proxsg_plus}
 
 
 def _schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
@@ -165,7 +171,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     spe = data_lib.num_batches(ds.train, cfg.batch_size)
     total = cfg.epochs * spe
     schedule = _schedule(cfg, total)
-    tx = h2spg(space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
+    tx = _OPTIMIZERS[cfg.optimizer](space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
                projection_steps=cfg.projection_epochs * spe, base=_base_tx(cfg, schedule))
     k = int(cfg.target_sparsity * space.num_groups)
 
@@ -214,35 +220,43 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
                         "history": dense_hist.epochs}
 
     zero = space.zero_group_indices(trained)
-    t_sub = time.perf_counter()
-    sub = construct_subnetwork(space, trained)
-    construct_seconds = time.perf_counter() - t_sub
+    valid = space.is_valid(zero)
     full_eval = train_lib.evaluate(model.apply, trained, eval_batches())
-    sub_eval = train_lib.evaluate(sub.apply, sub.variables, eval_batches())
     x_check = next(iter(eval_batches()))[0][:32]
-    ref = model.apply(trained, x_check, train=False)
-    got = sub.apply(sub.variables, x_check, train=False)
-    exact_err = float(jnp.max(jnp.abs(ref - got)) / (jnp.max(jnp.abs(ref)) + 1e-12))
-    log(f"sub-network: {count_params(sub.variables):,} params; accuracy full "
-        f"{full_eval['accuracy']:.4f}, sub {sub_eval['accuracy']:.4f}; relative difference "
-        f"to the zeroed full network {exact_err:.2e}")
-
-    finetune = None
-    sub_variables = sub.variables
-    if cfg.finetune_epochs:
-        ft_tx = _base_tx(cfg, train_lib.cosine_schedule(cfg.learning_rate * 0.1,
-                                                        cfg.finetune_epochs * spe))
-        sub_variables, ft_hist = train_lib.fit(
-            sub.apply, sub.variables, ft_tx, lambda e: train_batches(e + cfg.epochs),
-            epochs=cfg.finetune_epochs, steps_per_epoch=spe, eval_batches=eval_batches)
-        finetune = {"eval_accuracy": ft_hist.epochs[-1]["eval_accuracy"],
-                    "history": ft_hist.epochs}
-        log(f"fine-tuned sub-network: eval accuracy {finetune['eval_accuracy']:.4f}")
-
-    ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, sub_variables, force=True)
-    exported = export_subnetwork(sub, x_check, path=out / "subnetwork.jax_export",
-                                 variables=sub_variables, train=False)
-    del exported
+    sub, sub_report, finetune = None, None, None
+    if not valid:
+        log(f"the zero groups {zero} cut every path from the input to the output: no valid "
+            "sub-network (expected with --optimizer dhspg at high sparsity)")
+    else:
+        t_sub = time.perf_counter()
+        sub = construct_subnetwork(space, trained)
+        construct_seconds = time.perf_counter() - t_sub
+        sub_eval = train_lib.evaluate(sub.apply, sub.variables, eval_batches())
+        ref = model.apply(trained, x_check, train=False)
+        got = sub.apply(sub.variables, x_check, train=False)
+        exact_err = float(jnp.max(jnp.abs(ref - got)) / (jnp.max(jnp.abs(ref)) + 1e-12))
+        log(f"sub-network: {count_params(sub.variables):,} params; accuracy full "
+            f"{full_eval['accuracy']:.4f}, sub {sub_eval['accuracy']:.4f}; relative "
+            f"difference to the zeroed full network {exact_err:.2e}")
+        sub_variables = sub.variables
+        if cfg.finetune_epochs:
+            ft_tx = _base_tx(cfg, train_lib.cosine_schedule(cfg.learning_rate * 0.1,
+                                                            cfg.finetune_epochs * spe))
+            sub_variables, ft_hist = train_lib.fit(
+                sub.apply, sub.variables, ft_tx, lambda e: train_batches(e + cfg.epochs),
+                epochs=cfg.finetune_epochs, steps_per_epoch=spe, eval_batches=eval_batches)
+            finetune = {"eval_accuracy": ft_hist.epochs[-1]["eval_accuracy"],
+                        "history": ft_hist.epochs}
+            log(f"fine-tuned sub-network: eval accuracy {finetune['eval_accuracy']:.4f}")
+        ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, sub_variables, force=True)
+        export_subnetwork(sub, x_check, path=out / "subnetwork.jax_export",
+                          variables=sub_variables, train=False)
+        sub_report = {"params": count_params(sub_variables),
+                      "macs": count_macs(sub.apply, sub_variables, sample, train=False),
+                      "eval_accuracy": sub_eval["accuracy"],
+                      "relative_difference_to_zeroed_full": exact_err,
+                      "construction_seconds": construct_seconds,
+                      "checkpoint": str(ckpt), "export": str(out / "subnetwork.jax_export")}
 
     report = {
         "model": cfg.model,
@@ -256,12 +270,8 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         "full": {"params": count_params(trained),
                  "macs": count_macs(model.apply, trained, sample, train=False),
                  "eval_accuracy": full_eval["accuracy"], "eval_loss": full_eval["loss"]},
-        "subnetwork": {"params": count_params(sub_variables),
-                       "macs": count_macs(sub.apply, sub_variables, sample, train=False),
-                       "eval_accuracy": sub_eval["accuracy"],
-                       "relative_difference_to_zeroed_full": exact_err,
-                       "construction_seconds": construct_seconds,
-                       "checkpoint": str(ckpt), "export": str(out / "subnetwork.jax_export")},
+        "valid": valid,
+        "subnetwork": sub_report,
         "zero_groups": zero,
         "redundant_groups": [int(i) for i in np.flatnonzero(last["redundant"])],
         "search_cost_seconds": _search_cost(space, last["saliency"], k),

@@ -23,9 +23,11 @@ def write_all(report: dict[str, Any], space, sub, out: Path, sample) -> list[Pat
         viz.save(viz.draw_segment_graph(space, redundant=zero,
                                         title=f"{name}: redundant structures (grey, dashed)"),
                  out / "redundant_structures.svg"),
-        viz.save(viz.draw_trace_graph(trace(sub.apply, sub.variables, sample, train=False),
-                                      title=f"{name}: sub-network"), out / "subnetwork.svg"),
     ]
+    if sub is not None:
+        files.append(viz.save(viz.draw_trace_graph(
+            trace(sub.apply, sub.variables, sample, train=False), title=f"{name}: sub-network"),
+            out / "subnetwork.svg"))
     files += plot_history(report, out)
     files.append(write_markdown(report, out))
     return files
@@ -51,12 +53,13 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
     ax1.grid(alpha=0.3)
     epochs = [r["epoch"] for r in hist["epochs"]]
     ax2.plot(epochs, [r.get("eval_accuracy", float("nan")) for r in hist["epochs"]], "o-",
-             label="H2SPG (full network)")
+             label=f"{report['config'].get('optimizer', 'h2spg')} (full network)")
     if report.get("baseline"):
         ax2.plot(epochs, [r["eval_accuracy"] for r in report["baseline"]["history"]], "s--",
                  label="base optimizer only")
-    ax2.axhline(report["subnetwork"]["eval_accuracy"], color="tab:green", ls=":",
-                label="sub-network")
+    if report.get("subnetwork"):
+        ax2.axhline(report["subnetwork"]["eval_accuracy"], color="tab:green", ls=":",
+                    label="sub-network")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("test accuracy")
     ax2.grid(alpha=0.3)
@@ -93,19 +96,27 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
     """report.md: the run's figures in tables, with links to the pictures."""
     full, sub = report["full"], report["subnetwork"]
     ss = report["search_space"]
+    opt = {"h2spg": "H2SPG", "dhspg": "DHSPG", "proxsg_plus": "ProxSG+"}[
+        report["config"].get("optimizer", "h2spg")]
     lines = [
         f"# {report['model']} on {report['dataset']}",
         "",
         f"Target group sparsity {report['config']['target_sparsity']} of {ss['num_groups']} "
-        f"removal structures: K = {ss['K']}; zero groups after H2SPG: "
+        f"removal structures: K = {ss['K']}; zero groups after {opt}: "
         f"{', '.join(f'g{i}' for i in report['zero_groups']) or 'none'}.",
         "",
         "| | params | MACs | test accuracy |",
         "|---|---|---|---|",
-        f"| full network (H2SPG-trained) | {_m(full['params'])} | {_m(full['macs'])} | "
+        f"| full network ({opt}-trained) | {_m(full['params'])} | {_m(full['macs'])} | "
         f"{full['eval_accuracy']:.4f} |",
-        f"| sub-network | {_m(sub['params'])} | {_m(sub['macs'])} | {sub['eval_accuracy']:.4f} |",
     ]
+    if sub is None:
+        lines.append("| sub-network | invalid: the zero groups cut the network | | |")
+        sub = {"params": 0, "macs": 0, "relative_difference_to_zeroed_full": float("nan"),
+               "construction_seconds": 0.0, "checkpoint": "-", "export": "-"}
+    else:
+        lines.append(f"| sub-network | {_m(sub['params'])} | {_m(sub['macs'])} | "
+                     f"{sub['eval_accuracy']:.4f} |")
     if report.get("baseline"):
         lines.append(f"| full network, base optimizer only | {_m(full['params'])} | "
                      f"{_m(full['macs'])} | {report['baseline']['eval_accuracy']:.4f} |")
