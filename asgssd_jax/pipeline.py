@@ -171,8 +171,9 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     spe = data_lib.num_batches(ds.train, cfg.batch_size)
     total = cfg.epochs * spe
     schedule = _schedule(cfg, total)
-    tx = _OPTIMIZERS[cfg.optimizer](space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
-               projection_steps=cfg.projection_epochs * spe, base=_base_tx(cfg, schedule))
+    tx = _OPTIMIZERS[cfg.optimizer](
+        space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
+        projection_steps=cfg.projection_epochs * spe, base=_base_tx(cfg, schedule))
     k = int(cfg.target_sparsity * space.num_groups)
 
     def train_batches(epoch: int, split=ds.train, augment=ds.augment, seed=cfg.seed):
