@@ -136,6 +136,21 @@ def _add_run_parser(sub) -> None:
     p.set_defaults(func=_run_cmd)
 
 
+def _report_cmd(args: argparse.Namespace) -> int:
+    from asgssd_jax import report as report_lib
+
+    run_dir = Path(args.run_dir)
+    path = run_dir / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass the --out directory of an "
+                                "`asgssd run`")
+    report = json.loads(path.read_text())
+    files = report_lib.plot_history(report, run_dir) + [report_lib.write_markdown(report, run_dir)]
+    print(Path(files[-1]).read_text())
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def _models_cmd(args: argparse.Namespace) -> int:
     import models
 
@@ -153,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     sub.add_parser("models", help="list the zoo's networks").set_defaults(func=_models_cmd)
+    p = sub.add_parser("report", help="print a run's report and redraw its plots")
+    p.add_argument("run_dir", help="the --out directory of an `asgssd run`")
+    p.set_defaults(func=_report_cmd)
     p = sub.add_parser("space", help="print and draw the search space of a zoo model")
     p.add_argument("--model", default="demonet", help="zoo model name (default: demonet)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the traced sample")

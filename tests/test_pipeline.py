@@ -36,6 +36,13 @@ def test_run_leaves_report_pictures_plots_checkpoint_and_export(run_dir):
     assert "g" in (run_dir / "report.md").read_text()
 
 
+def test_cli_report_redraws_from_the_json(run_dir, capsys):
+    (run_dir / "report.md").unlink()
+    assert cli.main(["report", str(run_dir)]) == 0
+    assert "demonet on synthetic" in capsys.readouterr().out
+    assert (run_dir / "report.md").exists()
+
+
 def test_cli_user_errors_have_no_traceback(capsys):
     assert cli.main(["run", "--target-sparsity", "1.0"]) == 2
     assert "must be in [0, 1)" in capsys.readouterr().err
@@ -43,6 +50,8 @@ def test_cli_user_errors_have_no_traceback(capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert cli.main(["run", "--dataset", "cifar10", "--data-dir", "/nonexistent"]) == 2
     assert "data" in capsys.readouterr().err
+    assert cli.main(["report", "/nonexistent"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_cli_models_lists_the_zoo(capsys):
