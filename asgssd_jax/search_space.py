@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,8 +27,10 @@ from asgssd_jax.trace import CONTROL_FLOW, TraceGraph, trace
 
 __all__ = [
     "ChannelSite",
+    "ChannelState",
     "Group",
     "SearchSpace",
+    "follow_channels",
     "generate_search_space",
     "trace_channels",
 ]
@@ -195,16 +197,47 @@ def trace_channels(
     """Follows operand ``operand`` of concatenate op ``concat_op`` to the contractions that
     consume its channels. Returns those sites, or None when the channels reach anything else
     (another data operand, a reduction over them, the output, ...)."""
-    program = trace_graph.program
-    data = program.data
+    found = follow_channels(trace_graph.program, concat_op, operand)
+    return None if found is None else found[1]
+
+
+def follow_channels(
+    program,
+    concat_op: int,
+    operand: int,
+    *,
+    data: frozenset[int] | None = None,
+    outputs: set[int] | None = None,
+    skip: Callable[[int], bool] | None = None,
+    forward: Mapping[int, int] | None = None,
+) -> tuple[dict[int, ChannelState], list[ChannelSite]] | None:
+    """:func:`trace_channels` on a flat program, with the state of every value reached.
+
+    Args:
+      program: the flat :class:`~asgssd_jax.trace.Program`.
+      concat_op, operand: the concatenate operation and the operand slot to follow.
+      data: the data variables (default ``program.data``).
+      outputs: variables the channels must not reach (default the program's outputs).
+      skip: operations to pass over (e.g. ones a rewrite removes).
+      forward: operation -> variable it returns unchanged (e.g. a bypassed joint).
+
+    Returns:
+      ``(states, sites)``: the :class:`ChannelState` of each value carrying the channels and the
+      contractions consuming them; None when the channels reach anything else.
+    """
+    data = program.data if data is None else data
+    if outputs is None:
+        outputs = {x for x in program.outvars if isinstance(x, int)}
+    forward = forward or {}
     op = program.ops[concat_op]
     axis = op.params["dimension"]
     before = sum(_shape_of(program, x)[axis] for x in op.invars[:operand])
     width = _shape_of(program, op.invars[operand])[axis]
     out = op.outvars[0]
+    if out in outputs:
+        return None
     total = program.shape(out)[axis]
     tracked = {out: ChannelState(axis, 1, total, before, width)}
-    outputs = {x for x in program.outvars if isinstance(x, int)}
     sites: list[ChannelSite] = []
     heap = list(program.consumers.get(out, ()))
     heapq.heapify(heap)
@@ -214,7 +247,14 @@ def trace_channels(
         if i in done:
             continue
         done.add(i)
-        nxt = _advance(program.ops[i], program, tracked, data)
+        if skip is not None and skip(i):
+            continue
+        if i in forward:
+            if forward[i] not in tracked:
+                continue
+            nxt = tracked[forward[i]]
+        else:
+            nxt = _advance(program.ops[i], program, tracked, data)
         if nxt is None:
             return None
         if isinstance(nxt, ChannelSite):
@@ -226,9 +266,7 @@ def trace_channels(
                 return None
             for c in program.consumers.get(o, ()):
                 heapq.heappush(heap, c)
-    if out in outputs:
-        return None
-    return sites
+    return tracked, sites
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ class Program:
     producer: dict[int, int] = dataclasses.field(default_factory=dict)  # var id -> op index
     consumers: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     data: frozenset[int] = frozenset()  # ids of data variables
+    arg_tree: Any = None  # treedef of the positional inputs (set by ``trace_program``)
 
     def shape(self, var: int) -> tuple[int, ...]:
         return tuple(self.avals[var].shape)
@@ -303,7 +304,9 @@ def trace_program(
             f"{type(e).__name__}: {e}. Check that the sample has the shape the model expects "
             "(with a batch dimension) and that apply_fn(variables, *args, **kwargs) runs."
         ) from e
-    return _flatten(closed, n, out_tree_box[-1]), paths, treedef
+    program = _flatten(closed, n, out_tree_box[-1])
+    program.arg_tree = arg_tree
+    return program, paths, treedef
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

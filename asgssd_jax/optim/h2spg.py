@@ -1,0 +1,513 @@
+"""H2SPG, the hierarchical half-space projected gradient (Algorithm 3), as an optax transformation.
+
+Phases, counted in updates (``state.count``):
+
+* warm-up, ``count < warmup_steps``: the base optimizer updates every leaf; each group's
+  saliency is averaged exponentially.
+* hierarchical search, at ``count == warmup_steps``, once and in-graph: groups visited by
+  ascending saliency join the redundant set G_r while the network stays valid and
+  |G_r| < K (:func:`~asgssd_jax.optim.search.hierarchical_search`).
+* hybrid, from ``warmup_steps`` on: G_r^C follows the base optimizer unchanged. During the
+  ``projection_steps`` steps that start at the search, each redundant group takes the base step
+  plus a group-lasso push towards zero and is projected onto exactly zero when the half-space
+  test says so; the last projection step zeroes whatever remains. From
+  ``warmup_steps + projection_steps`` on, exactly K groups (those of G_r) are zero and stay so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from asgssd_jax.optim.saliency import SaliencyFn, SaliencyInputs, resolve_saliency
+from asgssd_jax.optim.search import SearchGraph, hierarchical_search, top_k_search
+
+__all__ = [
+    "H2SPGInfo",
+    "H2SPGState",
+    "SparsityWarning",
+    "h2spg",
+    "h2spg_info",
+    "search_graph",
+]
+
+
+class SparsityWarning(UserWarning):
+    """The target group sparsity cannot be met exactly; fewer groups will be zeroed."""
+
+
+class H2SPGState(NamedTuple):
+    """State of :func:`h2spg` (and of the baselines built on it).
+
+    Attributes:
+      count: updates done so far, ``int32``.
+      saliency: exponential average of each group's saliency over warm-up, ``float32[G]``.
+      redundant: G_r, set once by the search at ``count == warmup_steps``, ``bool[G]``.
+      zero: groups projected onto zero so far (they stay zero), ``bool[G]``.
+      base_state: the base optimizer's state.
+    """
+
+    count: jax.Array
+    saliency: jax.Array
+    redundant: jax.Array
+    zero: jax.Array
+    base_state: optax.OptState
+
+
+class H2SPGInfo(NamedTuple):
+    """What :func:`h2spg_info` reads from a state (arrays; index groups with ``np.flatnonzero``).
+
+    Attributes:
+      step: updates done so far.
+      saliency: per-group saliency averaged over warm-up (smaller = more redundant).
+      redundant: the redundant groups G_r (all False before the search).
+      zero_groups: groups the optimizer has projected onto zero.
+    """
+
+    step: jax.Array
+    saliency: jax.Array
+    redundant: jax.Array
+    zero_groups: jax.Array
+
+
+def h2spg_info(state: optax.OptState) -> H2SPGInfo:
+    """Reads the H2SPG state inside ``state`` (which may be a chain, ``inject_hyperparams`` or
+    ``apply_if_finite`` state holding one). Works inside ``jit``.
+
+    Example::
+
+        info = h2spg_info(opt_state)
+        np.flatnonzero(info.redundant)   # indices of G_r
+    """
+    found = [s for s in jax.tree_util.tree_leaves(
+        state, is_leaf=lambda s: isinstance(s, H2SPGState)) if isinstance(s, H2SPGState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one H2SPGState in the optimizer state, found {len(found)}")
+    (s,) = found
+    return H2SPGInfo(step=s.count, saliency=s.saliency, redundant=s.redundant, zero_groups=s.zero)
+
+
+# --------------------------------------------------------------------------------------------
+# Construction helpers.
+
+_SEARCH_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def search_graph(space: Any) -> SearchGraph:
+    """The static search arrays of ``space`` (built once per space and cached)."""
+    try:
+        return _SEARCH_GRAPHS[space]
+    except KeyError:
+        graph = _SEARCH_GRAPHS[space] = SearchGraph.from_space(space)
+        return graph
+
+
+def _concrete(x: Any) -> float | None:
+    """``x`` as a Python number, or None when it is traced (e.g. under inject_hyperparams)."""
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _schedule(x: optax.ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
+    return x if callable(x) else (lambda count: x)
+
+
+def _is_python_zero(x: Any) -> bool:
+    # Decided on the Python value only: under inject_hyperparams the same argument arrives as
+    # an array, concrete in init and traced in update, and both must build the same chain.
+    return isinstance(x, (int, float)) and x == 0
+
+
+def _base_optimizer(base, learning_rate, momentum, weight_decay) -> optax.GradientTransformation:
+    if isinstance(base, optax.GradientTransformation):
+        return base
+    coupled = [] if _is_python_zero(weight_decay) else [optax.add_decayed_weights(weight_decay)]
+    if base == "sgd":
+        m = None if _is_python_zero(momentum) else momentum
+        return optax.chain(*coupled, optax.sgd(learning_rate, momentum=m))
+    if base == "adam":
+        return optax.chain(*coupled, optax.adam(learning_rate))
+    if base == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+    raise ValueError(f"base must be 'sgd', 'adam', 'adamw' or an optax GradientTransformation, "
+                     f"got {base!r}")
+
+
+def _target_count(space, target_group_sparsity, cap: bool, name: str):
+    """K, capped at what can be removed validly when ``cap``; warns at construction."""
+    num_groups = space.num_groups
+    t = _concrete(target_group_sparsity)
+    if t is None:  # a traced hyperparameter: K in float32, no checks possible
+        return jnp.floor(target_group_sparsity * num_groups).astype(jnp.int32)
+    if not 0.0 <= t < 1.0 or math.isnan(t):
+        raise ValueError(f"{name}: target_group_sparsity must be in [0, 1), got {t}")
+    k = int(t * num_groups)
+    if cap:
+        most = search_graph(space).max_removable
+        if k > most:
+            warnings.warn(
+                f"{name}: target_group_sparsity={t} asks for K={k} of {num_groups} groups, but "
+                f"every input-output path goes through at least {num_groups - most} removal "
+                f"structures, so at most {most} can be removed; {most} groups will be zeroed",
+                SparsityWarning, stacklevel=3)
+            k = most
+    return k
+
+
+def _check_steps(warmup_steps, projection_steps, name: str) -> None:
+    for arg, value, least in (("warmup_steps", warmup_steps, 1),
+                              ("projection_steps", projection_steps, 1)):
+        v = _concrete(value)
+        if v is None:
+            continue
+        if v != int(v) or v < least:
+            raise ValueError(f"{name}: {arg} must be an integer >= {least}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How a params tree maps onto the search space (computed at trace time)."""
+
+    leaf_groups: tuple[int, ...]
+    grouped: tuple[int, ...]  # indices of leaves in G_s
+    buckets: tuple[tuple[int, ...], ...]  # grouped leaves of one shape and dtype
+    bucket_groups: np.ndarray  # group of each leaf of the buckets, in bucket order
+
+
+def _layout(space, params, name: str) -> _Layout:
+    try:
+        gids = tuple(space.leaf_groups(params))
+    except ValueError as e:
+        raise ValueError(f"{name}: the params tree does not match the search space: {e}") from None
+    leaves = jax.tree_util.tree_leaves(params)
+    shapes = space.trace.program
+    for gr in space.groups:
+        want = sorted(tuple(shapes.shape(shapes.leaf_vars[i])) for i in gr.leaves)
+        got = sorted(tuple(np.shape(x)) for x, g in zip(leaves, gids) if g == gr.index)
+        if want != got:
+            raise ValueError(
+                f"{name}: the params tree does not match the search space: group {gr.index} "
+                f"({', '.join(gr.param_paths)}) expects leaves of shapes {want}, the tree has "
+                f"{got}; pass variables['params'] of the model the space was generated from")
+    grouped = tuple(i for i, g in enumerate(gids) if g >= 0)
+    by_kind: dict[tuple, list[int]] = {}
+    for i in grouped:
+        by_kind.setdefault((np.shape(leaves[i]), str(leaves[i].dtype)), []).append(i)
+    buckets = tuple(tuple(b) for b in by_kind.values())
+    order = np.array([gids[i] for b in buckets for i in b], np.int32)
+    return _Layout(gids, grouped, buckets, order)
+
+
+def _dots(x: jax.Array, y: jax.Array) -> jax.Array:
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    return jnp.stack([jnp.sum(x * x), jnp.sum(x * y), jnp.sum(y * y)])
+
+
+def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array:
+    """``float32[3, G]``: each group's <a, a>, <a, b> and <b, b> over its leaves.
+
+    Leaves of one shape are stacked and reduced together, so the number of operations (and
+    the compile time) grows with the number of distinct shapes, not of leaves.
+    """
+    if not layout.grouped:
+        return jnp.zeros((3, num_groups), jnp.float32)
+    sums = []
+    for bucket in layout.buckets:
+        if len(bucket) == 1:  # stacking one leaf would only add a copy
+            sums.append(_dots(a[bucket[0]], b[bucket[0]])[:, None])
+            continue
+        x = jnp.stack([a[i] for i in bucket]).astype(jnp.float32)
+        y = jnp.stack([b[i] for i in bucket]).astype(jnp.float32)
+        axes = tuple(range(1, x.ndim))
+        sums.append(jnp.stack([jnp.sum(x * x, axes), jnp.sum(x * y, axes), jnp.sum(y * y, axes)]))
+    per_leaf = jnp.concatenate(sums, axis=1)
+    if per_leaf.shape[1] * num_groups <= 1 << 16:  # small: a dense sum beats a scatter on CPU
+        one_hot = np.eye(num_groups, dtype=np.float32)[layout.bucket_groups]
+        return jnp.dot(per_leaf, one_hot, precision=jax.lax.Precision.HIGHEST)
+    return jax.vmap(lambda v: jax.ops.segment_sum(v, layout.bucket_groups, num_groups))(per_leaf)
+
+
+def _per_group_scalars(always: jax.Array, arrays: tuple[jax.Array, ...]) -> list[list[jax.Array]]:
+    """The entries of each ``[G]`` array as separate scalars, for the per-leaf updates.
+
+    A static slice of a shared array is fused into every consumer, so every leaf would get a
+    kernel of its own; scalars that leave a conditional are plain buffers, and leaves of one
+    shape share one kernel (DARTS-8, 2,807 leaves, compiles about 4x faster). ``always`` is a
+    predicate that is always true but unknown to the compiler.
+    """
+    n = arrays[0].shape[0]
+    return jax.lax.cond(always, lambda: [[a[g] for g in range(n)] for a in arrays],
+                        lambda: [[jnp.zeros((), a.dtype)] * n for a in arrays])
+
+
+# On CPU, with up to this many groups, each group's projection statistics sit in a conditional
+# of their own, so only the groups being projected pay for them (about 0.5x of an SGD update
+# saved on DemoNet). Beyond it, or on accelerators (where a conditional waits for its
+# predicate), one conditional covers all groups: thousands of conditionals compile slowly.
+_PER_GROUP_CONDITIONALS = 64
+
+
+def _active_group_dots(layout: _Layout, num_groups: int, active: jax.Array, a: list,
+                       b: list) -> jax.Array:
+    """:func:`_group_dots` for the ``active`` groups, zeros elsewhere."""
+    zeros = jnp.zeros((3, num_groups), jnp.float32)
+    if num_groups == 0:
+        return zeros
+    if num_groups > _PER_GROUP_CONDITIONALS or jax.default_backend() != "cpu":
+        return jax.lax.cond(jnp.any(active), lambda: _group_dots(layout, num_groups, a, b),
+                            lambda: zeros)
+
+    def one(g):
+        leaves = [i for i in layout.grouped if layout.leaf_groups[i] == g]
+        return jax.lax.cond(active[g], lambda: sum(_dots(a[i], b[i]) for i in leaves),
+                            lambda: jnp.zeros(3, jnp.float32))
+
+    return jax.lax.cond(jnp.any(active),
+                        lambda: jnp.stack([one(g) for g in range(num_groups)], axis=1),
+                        lambda: zeros)
+
+
+# --------------------------------------------------------------------------------------------
+# The transformation.
+
+
+def hybrid_sparse_optimizer(
+    space: Any,
+    learning_rate: optax.ScalarOrSchedule,
+    target_group_sparsity: float,
+    *,
+    warmup_steps: int,
+    projection_steps: int,
+    base: str | optax.GradientTransformation,
+    momentum: float,
+    weight_decay: float,
+    epsilon: optax.ScalarOrSchedule,
+    group_lasso: optax.ScalarOrSchedule,
+    lasso_amplify: float,
+    lasso_max_factor: float,
+    saliency: SaliencyFn | str | None,
+    saliency_decay: float,
+    search: str,
+    redundant_step: str,
+    name: str,
+) -> optax.GradientTransformation:
+    """The machinery shared by :func:`h2spg` and the baselines (see their docstrings).
+
+    ``search`` is ``"hierarchical"`` (Algorithm 3) or ``"top_k"`` (no validity check);
+    ``redundant_step`` is ``"half_space"`` (HSPG/DHSPG) or ``"proximal"`` (ProxSG).
+    """
+    num_groups = space.num_groups
+    _check_steps(warmup_steps, projection_steps, name)
+    k = _target_count(space, target_group_sparsity, cap=search == "hierarchical", name=name)
+    d = _concrete(saliency_decay)
+    if d is not None and not 0.0 <= d < 1.0:
+        raise ValueError(f"{name}: saliency_decay must be in [0, 1), got {saliency_decay}")
+    base_tx = _base_optimizer(base, learning_rate, momentum, weight_decay)
+    saliency_fn = resolve_saliency(saliency)
+    lr, lam, eps = _schedule(learning_rate), _schedule(group_lasso), _schedule(epsilon)
+    if search == "hierarchical":
+        graph = search_graph(space)
+        search_fn = lambda s: hierarchical_search(graph, s, k)  # noqa: E731
+    else:
+        search_fn = lambda s: top_k_search(num_groups, s, k)  # noqa: E731
+    num_params = np.array([g.num_params for g in space.groups], np.float32)
+    macs = np.array([g.macs for g in space.groups], np.float32)
+
+    def init_fn(params):
+        _layout(space, params, name)
+        return H2SPGState(
+            count=jnp.zeros([], jnp.int32),
+            saliency=jnp.zeros(num_groups, jnp.float32),
+            redundant=jnp.zeros(num_groups, bool),
+            zero=jnp.zeros(num_groups, bool),
+            base_state=base_tx.init(params),
+        )
+
+    def update_fn(grads, state, params=None):
+        if params is None:
+            raise ValueError(f"{name} needs the parameters: call update(grads, state, params)")
+        layout = _layout(space, params, name)
+        xs, treedef = jax.tree_util.tree_flatten(params)
+        try:
+            gs = treedef.flatten_up_to(grads)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{name}: grads and params have different structures: {e}") from None
+        count = state.count
+        updates, base_state = base_tx.update(grads, state.base_state, params)
+        us = treedef.flatten_up_to(updates)
+        warm, proj = warmup_steps, projection_steps
+
+        # Warm-up: exponential average of the saliency.
+        def sample():
+            param_sq, param_dot_grad, grad_sq = _group_dots(layout, num_groups, xs, gs)
+            inputs = SaliencyInputs(
+                param_sq=param_sq, grad_sq=grad_sq, param_dot_grad=param_dot_grad,
+                num_params=jnp.asarray(num_params), macs=jnp.asarray(macs),
+                params=params, grads=grads, leaf_groups=layout.leaf_groups)
+            s = jnp.asarray(saliency_fn(inputs), jnp.float32)
+            if s.shape != (num_groups,):
+                raise ValueError(f"{name}: the saliency function returned shape {s.shape}, "
+                                 f"expected ({num_groups},)")
+            return s
+
+        in_warmup = count < warm
+        s = jax.lax.cond(in_warmup, sample, lambda: state.saliency)
+        blended = jnp.where(count == 0, s, saliency_decay * state.saliency
+                            + (1.0 - saliency_decay) * s)
+        # A non-finite sample (NaN/inf gradients) is ignored: the average stays finite.
+        avg = jnp.where(in_warmup & jnp.isfinite(s), blended, state.saliency)
+
+        # The one-time search.
+        redundant = jax.lax.cond(count == warm, lambda: search_fn(avg),
+                                 lambda: state.redundant)
+
+        # Hybrid phase: per-group statistics of the redundant groups' trial step.
+        in_proj = (count >= warm) & (count < warm + proj)
+        active = redundant & ~state.zero & in_proj
+
+        xx, xu, uu = _active_group_dots(layout, num_groups, active, xs, us)
+        mu0 = jnp.asarray(lr(count) * lam(count), jnp.float32)
+        nx = jnp.sqrt(xx)
+        final = count == warm + proj - 1
+        if redundant_step == "half_space":
+            # DHSPG's adaptive group lasso: where the base step grows the group (<x, u> > 0),
+            # strengthen the push so that it wins, without turning it into an ascent direction.
+            low = xu / jnp.where(nx > 0, nx, 1.0)
+            high = uu * nx / jnp.where(xu > 0, xu, 1.0)
+            mu = jnp.clip(lasso_amplify * low, mu0, mu0 * lasso_max_factor)
+            mu = jnp.where(mu >= high, 0.5 * (low + high), mu)
+            mu = jnp.where(xu > 0, mu, mu0)
+            # Half-space test on x_trial = x + u - mu x/||x||: <x_trial, x> < eps ||x||^2.
+            trial_dot_x = xx + xu - mu * nx
+            project = active & ((trial_dot_x < eps(count) * xx) | (xx == 0) | final)
+            shrink = jnp.where(nx > 0, mu / jnp.where(nx > 0, nx, 1.0), 0.0)
+            keep_u = jnp.ones_like(shrink)
+        else:
+            # Proximal group lasso on y = x + u: y (1 - mu/||y||)_+.
+            ny = jnp.sqrt(jnp.maximum(xx + 2.0 * xu + uu, 0.0))
+            project = active & ((ny <= mu0) | final)
+            shrink = jnp.where(ny > 0, mu0 / jnp.where(ny > 0, ny, 1.0), 0.0)
+            keep_u = 1.0 - shrink
+        zero = state.zero | project
+        push = active & ~project
+        zero_g, push_g, keep_g, shrink_g = _per_group_scalars(
+            count >= 0, (zero, push, keep_u, shrink))
+        out = list(us)
+        for i in layout.grouped:
+            g = layout.leaf_groups[i]
+            x, u = xs[i], us[i]
+            moved = u if redundant_step == "half_space" else keep_g[g].astype(u.dtype) * u
+            moved = moved - shrink_g[g].astype(u.dtype) * x
+            # A select, not arithmetic, keeps G_r^C's update bit-identical to the base's (with
+            # FMA contraction, u - 0 * x may round differently), and makes the update of a
+            # zero group exactly -x, so that params + updates is exactly 0.
+            out[i] = jnp.where(zero_g[g], -x.astype(u.dtype), jnp.where(push_g[g], moved, u))
+        new_state = H2SPGState(count=optax.safe_increment(count), saliency=avg,
+                               redundant=redundant, zero=zero, base_state=base_state)
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def h2spg(
+    space: Any,
+    learning_rate: optax.ScalarOrSchedule,
+    target_group_sparsity: float,
+    *,
+    warmup_steps: int,
+    projection_steps: int,
+    base: str | optax.GradientTransformation = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    epsilon: optax.ScalarOrSchedule = 0.0,
+    group_lasso: optax.ScalarOrSchedule = 1e-3,
+    lasso_amplify: float = 1.1,
+    lasso_max_factor: float = 10.0,
+    saliency: SaliencyFn | str | None = None,
+    saliency_decay: float = 0.9,
+) -> optax.GradientTransformation:
+    r"""Hierarchical Half-Space Projected Gradient (H2SPG, Algorithm 3).
+
+    Trains a network and finds K = ``int(target_group_sparsity * space.num_groups)`` removal
+    structures to drop while keeping the network valid: from update number
+    ``warmup_steps + projection_steps`` on, exactly K groups of ``space`` are exactly zero, the
+    set is valid (``space.is_valid``) and the zero groups stay zero. If no valid set of K
+    groups exists, the largest possible number is zeroed and a :class:`SparsityWarning` is
+    issued here. Read the redundant set, zero groups and saliencies with :func:`h2spg_info`.
+
+    Phases (``count`` = updates done): warm-up while ``count < warmup_steps`` (base optimizer
+    everywhere, saliency averaged); at ``count == warmup_steps`` the in-graph hierarchical
+    search picks G_r; during the ``projection_steps`` updates that start with it, each
+    not-yet-zero group of G_r takes the base step plus a group-lasso push,
+    :math:`\tilde x_g = x_g + u_g - \mu_g x_g/\|x_g\|` with :math:`\mu_g` = learning rate
+    :math:`\times\lambda` adapted as in DHSPG, and is set to zero when
+    :math:`\langle\tilde x_g, x_g\rangle < \epsilon\|x_g\|^2`; the last projection step zeroes
+    the rest. Leaves outside G_r always get the base optimizer's update unchanged.
+
+    Updates follow optax's convention (``optax.apply_updates``); a projected group's update is
+    exactly ``-params``, so h2spg must be the last transformation of a chain (clipping etc.
+    go before it). Its update is jittable with no host call and runs under ``jit``, ``pmap``
+    and sharded parameters; the search runs once, in-graph, in a few milliseconds.
+
+    With ``optax.inject_hyperparams(h2spg)(space, ...)`` the numeric arguments become
+    (float32) hyperparameters; name a custom ``saliency`` function in ``static_args`` (it is
+    not a schedule), and note that K is then ``floor(target_group_sparsity * G)`` in float32.
+
+    Non-finite gradients: h2spg does not skip steps itself, so NaN/inf reach the base
+    optimizer as they would without it. Its own state stays sound: a non-finite saliency
+    sample is left out of the average, the search and the masks never see NaN, and zero groups
+    stay exactly zero. Wrap it in ``optax.apply_if_finite`` to skip such steps (a skipped step
+    does not count towards the phases).
+
+    Args:
+      space: the :class:`~asgssd_jax.SearchSpace` of the model; ``params`` passed to
+        ``init``/``update`` are its ``variables["params"]`` (or the full variables).
+      learning_rate: step size (scalar or optax schedule); the base optimizer's when ``base``
+        is a name, and the scale of the group-lasso push.
+      target_group_sparsity: fraction of the removal structures to remove, in [0, 1).
+      warmup_steps: number of warm-up updates, >= 1.
+      projection_steps: number of updates over which G_r is projected onto zero, >= 1.
+      base: ``"sgd"`` (with ``momentum``), ``"adam"``, ``"adamw"`` or any optax
+        transformation (then ``momentum`` and ``weight_decay`` are ignored).
+      momentum: SGD momentum for ``base="sgd"``.
+      weight_decay: L2 penalty for ``"sgd"``/``"adam"``, decoupled decay for ``"adamw"``.
+      epsilon: half-space threshold :math:`\epsilon \ge 0` (scalar or schedule); larger
+        projects sooner.
+      group_lasso: group-lasso coefficient :math:`\lambda` (scalar or schedule).
+      lasso_amplify: DHSPG's amplification of the smallest effective :math:`\lambda`.
+      lasso_max_factor: the adapted :math:`\lambda` is at most this times ``group_lasso``.
+      saliency: a :mod:`~asgssd_jax.optim.saliency` function or its name; smaller = more
+        redundant. Default: DHSPG's cosine similarity and average magnitude.
+      saliency_decay: decay of the saliency's exponential average.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is an :class:`H2SPGState`.
+
+    References:
+      "Automated Search-Space Generation for Sub-network Search within Deep Neural
+      Networks" (ASGSSD), Section 3.2 and Algorithm 3 (H2SPG).
+      Chen, Wang, Ding, Ji, Yi, Zhu, "Half-Space Proximal Stochastic Gradient Method for
+      Group-Sparsity Regularized Problem", arXiv:2009.12078, 2020 (HSPG).
+      Chen, Liang, Ding, Zhu, Zharkov, "OTOv2: Automatic, Generic, User-Friendly", ICLR 2023
+      (DHSPG: saliency, adaptive group lasso).
+      Dai, Chen, Wang, Robinson, "An Adaptive Half-Space Projection Method for Stochastic
+      Optimization Problems with Group Sparse Regularization", TMLR 2023 (AdaHSPG+).
+    """
+    return hybrid_sparse_optimizer(
+        space, learning_rate, target_group_sparsity, warmup_steps=warmup_steps,
+        projection_steps=projection_steps, base=base, momentum=momentum,
+        weight_decay=weight_decay, epsilon=epsilon, group_lasso=group_lasso,
+        lasso_amplify=lasso_amplify, lasso_max_factor=lasso_max_factor, saliency=saliency,
+        saliency_decay=saliency_decay, search="hierarchical", redundant_step="half_space",
+        name="h2spg")

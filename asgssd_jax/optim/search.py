@@ -1,0 +1,283 @@
+"""In-graph hierarchical search (Algorithm 3, lines 3-10) over a segment graph.
+
+H2SPG runs the search once, inside the jitted update, at the end of warm-up. Validity is
+Algorithm 3's: with the removed structures deleted from the segment graph, the output is still
+reachable from an input. The graph is turned into static arrays at construction
+(:class:`SearchGraph`); :func:`hierarchical_search` is pure ``jnp``/``lax`` over them, so it runs
+under ``jit``, ``pmap`` and sharding without touching the host.
+
+Two facts make the search cheap. Number the segments in a topological order with the inputs
+first and let U be the *useful* segments, those on some input-to-output path. (1) Deleting a
+segment v that is not in U leaves the output reachable. (2) Deleting v in U keeps the output
+reachable iff some edge a -> b with both ends in U jumps over v (pos(a) < pos(v) < pos(b)):
+such an edge lies on a path that avoids v, and any path that avoids v must cross v's
+position. So each candidate costs one vectorised O(|E_s|) test, and after an acceptance U is
+shrunk by peeling (a worklist of segments that lost their last useful predecessor or
+successor); every segment leaves U at most once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import networkx as nx
+import numpy as np
+
+__all__ = ["SearchGraph", "hierarchical_search", "top_k_search"]
+
+# An "infinite" path cost; 2 * INF still fits in int32.
+INF = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SearchGraph:
+    """Static arrays of a segment graph for :func:`hierarchical_search`.
+
+    Segments are renumbered by a topological order with the inputs first; ``n`` (one past the
+    last segment) is a dummy that pads ``succ`` and ``pred``.
+
+    Attributes:
+      num_groups: |G_s|.
+      num_nodes: number of segments ``n``.
+      group_node: position of each group's segment, ``int32[G]``.
+      succ, pred: successors / predecessors of each position, ``int32[n + 1, max degree]``.
+      edge_src, edge_dst: the edges, ``int32[E]``.
+      is_source: the inputs, ``bool[n + 1]``.
+      output: position of the output segment.
+      weight: 1 where a segment is a group's, ``int32[n + 1]``.
+      useful: segments on an input-to-output path, ``bool[n + 1]``.
+      useful_preds, useful_succs: each segment's useful predecessors / successors, ``int32[n+1]``.
+      dist_from_input, dist_to_output: fewest groups on a path from an input to the segment /
+        from it to the output, both ends included (``INF``: no path), ``int32[n + 1]``.
+      min_kept: fewest groups on any input-to-output path; at most
+        ``num_groups - min_kept`` groups can be removed together.
+    """
+
+    num_groups: int
+    num_nodes: int
+    group_node: np.ndarray
+    succ: np.ndarray
+    pred: np.ndarray
+    edge_src: np.ndarray
+    edge_dst: np.ndarray
+    is_source: np.ndarray
+    output: int
+    weight: np.ndarray
+    useful: np.ndarray
+    useful_preds: np.ndarray
+    useful_succs: np.ndarray
+    dist_from_input: np.ndarray
+    dist_to_output: np.ndarray
+    min_kept: int
+
+    @property
+    def max_removable(self) -> int:
+        """The most groups that can be removed together with the output still reachable."""
+        return self.num_groups - self.min_kept
+
+    @classmethod
+    def from_space(cls, space: Any) -> SearchGraph:
+        """From a :class:`~asgssd_jax.SearchSpace`'s segment graph and groups."""
+        sg = space.segment_graph
+        return cls.from_graph(sg.graph, sg.inputs, sg.output, [g.segment for g in space.groups])
+
+    @classmethod
+    def from_graph(cls, graph: nx.DiGraph, inputs: Iterable[Hashable], output: Hashable,
+                   group_nodes: Sequence[Hashable]) -> SearchGraph:
+        """From any DAG: ``group_nodes[i]`` is the node of group ``i``. O(|V| + |E|).
+
+        Raises:
+          ValueError: if the graph has a cycle or the output is not reachable from an input.
+        """
+        if not nx.is_directed_acyclic_graph(graph):
+            raise ValueError("the segment graph has a cycle; hierarchical search needs a DAG")
+        inputs = list(inputs)
+        sources = set(inputs)
+        topo = list(nx.topological_sort(graph))
+        order = [v for v in topo if v in sources] + [v for v in topo if v not in sources]
+        pos = {v: i for i, v in enumerate(order)}
+        n = len(order)
+        succ_lists = [[pos[w] for w in graph.successors(v)] for v in order]
+        pred_lists = [[pos[w] for w in graph.predecessors(v)] for v in order]
+
+        def pad(lists):
+            width = max([len(x) for x in lists] + [1])
+            out = np.full((n + 1, width), n, np.int32)
+            for i, x in enumerate(lists):
+                out[i, : len(x)] = x
+            return out
+
+        edges = np.array([(pos[a], pos[b]) for a, b in graph.edges()], np.int32).reshape(-1, 2)
+        is_source = np.zeros(n + 1, bool)
+        is_source[[pos[v] for v in inputs]] = True
+        out = pos[output]
+        group_node = np.array([pos[v] for v in group_nodes], np.int32)
+        weight = np.zeros(n + 1, np.int32)
+        weight[group_node] = 1
+
+        ds = np.full(n + 1, INF, np.int64)
+        for i in range(n):  # topological order
+            if is_source[i]:
+                ds[i] = weight[i]
+            elif pred_lists[i]:
+                ds[i] = min(INF, weight[i] + min(ds[p] for p in pred_lists[i]))
+        dt = np.full(n + 1, INF, np.int64)
+        dt[out] = weight[out]
+        for i in reversed(range(n)):
+            if i != out and succ_lists[i]:
+                dt[i] = min(INF, weight[i] + min(dt[s] for s in succ_lists[i]))
+        if ds[out] >= INF:
+            raise ValueError("the output is not reachable from any input: nothing can be searched")
+        useful = (ds < INF) & (dt < INF)
+        useful_preds = np.zeros(n + 1, np.int32)
+        useful_succs = np.zeros(n + 1, np.int32)
+        for a, b in edges:
+            if useful[a] and useful[b]:
+                useful_succs[a] += 1
+                useful_preds[b] += 1
+        return cls(
+            num_groups=len(group_node), num_nodes=n, group_node=group_node,
+            succ=pad(succ_lists), pred=pad(pred_lists),
+            edge_src=edges[:, 0].copy(), edge_dst=edges[:, 1].copy(),
+            is_source=is_source, output=out, weight=weight, useful=useful,
+            useful_preds=useful_preds, useful_succs=useful_succs,
+            dist_from_input=ds.astype(np.int32), dist_to_output=dt.astype(np.int32),
+            min_kept=int(ds[out]),
+        )
+
+
+def _greedy_valid(graph: SearchGraph, order: jax.Array, k: jax.Array):
+    """Algorithm 3's greedy pass. Returns (removed mask, number removed)."""
+    n = graph.num_nodes
+    succ, pred = jnp.asarray(graph.succ), jnp.asarray(graph.pred)
+    es, ed = jnp.asarray(graph.edge_src), jnp.asarray(graph.edge_dst)
+    group_node = jnp.asarray(graph.group_node)
+    is_source = jnp.asarray(graph.is_source)
+    out = graph.output
+
+    def peel_one(c):
+        useful, fcnt, bcnt, stack, top = c
+        top = top - 1
+        u = stack[top]
+        ws, ps = succ[u], pred[u]
+        aw, ap = useful[ws], useful[ps]  # the dummy n is never useful
+        fcnt = fcnt.at[ws].add(-aw.astype(jnp.int32))
+        bcnt = bcnt.at[ps].add(-ap.astype(jnp.int32))
+        dw = aw & (fcnt[ws] == 0) & ~is_source[ws]
+        dp = ap & (bcnt[ps] == 0) & (ps != out)
+        cand = jnp.concatenate([ws, ps])  # disjoint in a DAG
+        dead = jnp.concatenate([dw, dp])
+        useful = useful.at[jnp.where(dead, cand, n)].set(False)
+        slot = jnp.where(dead, top + jnp.cumsum(dead) - 1, n)
+        stack = stack.at[slot].set(cand)
+        return useful, fcnt, bcnt, stack, top + jnp.sum(dead, dtype=jnp.int32)
+
+    def visit(c):
+        i, count, removed, useful, fcnt, bcnt, stack = c
+        g = order[i]
+        v = group_node[g]
+        in_u = useful[v]
+        cross = jnp.sum(useful[es] & useful[ed] & (es < v) & (v < ed))
+        accept = ~in_u | (cross > 0)
+        peel = accept & in_u
+        useful = useful.at[v].set(in_u & ~peel)
+        stack = stack.at[0].set(v)
+        useful, fcnt, bcnt, stack, _ = jax.lax.while_loop(
+            lambda s: s[-1] > 0, peel_one, (useful, fcnt, bcnt, stack, peel.astype(jnp.int32)))
+        removed = removed.at[g].set(accept)
+        return i + 1, count + accept.astype(jnp.int32), removed, useful, fcnt, bcnt, stack
+
+    init = (jnp.int32(0), jnp.int32(0), jnp.zeros(graph.num_groups, bool),
+            jnp.asarray(graph.useful), jnp.asarray(graph.useful_preds),
+            jnp.asarray(graph.useful_succs), jnp.zeros(n + 1, jnp.int32))
+    c = jax.lax.while_loop(lambda c: (c[0] < graph.num_groups) & (c[1] < k), visit, init)
+    return c[2], c[1]
+
+
+def _greedy_feasible(graph: SearchGraph, order: jax.Array, k: jax.Array) -> jax.Array:
+    """Greedy pass that also keeps ``k`` reachable: a candidate is accepted only if an
+    input-output path with at most ``G - k`` groups survives (then the groups off that path
+    complete the set). Identical to :func:`_greedy_valid` whenever that one reaches ``k``."""
+    n = graph.num_nodes
+    succ, pred = jnp.asarray(graph.succ), jnp.asarray(graph.pred)
+    es, ed = jnp.asarray(graph.edge_src), jnp.asarray(graph.edge_dst)
+    group_node = jnp.asarray(graph.group_node)
+    is_source, weight = jnp.asarray(graph.is_source), jnp.asarray(graph.weight)
+    out = graph.output
+    budget = graph.num_groups - k
+
+    def fixpoint(step, d):
+        def body(c):
+            d, _ = c
+            new = step(d)
+            return new, jnp.any(new != d)
+        return jax.lax.while_loop(lambda c: c[1], body, (d, jnp.bool_(True)))[0]
+
+    def recompute(alive, ds, dt):
+        def step_ds(d):
+            m = jnp.min(d[pred], axis=1)
+            new = jnp.where(is_source, weight, jnp.minimum(weight + m, INF))
+            return jnp.where(alive, new, INF)
+
+        def step_dt(d):
+            m = jnp.min(d[succ], axis=1)
+            new = jnp.where(jnp.arange(n + 1) == out, weight, jnp.minimum(weight + m, INF))
+            return jnp.where(alive, new, INF)
+
+        return fixpoint(step_ds, ds), fixpoint(step_dt, dt)
+
+    def visit(c):
+        i, count, removed, alive, ds, dt = c
+        g = order[i]
+        v = group_node[g]
+        on_path = (ds[v] < INF) & (dt[v] < INF)
+        best = jnp.min(jnp.where((es < v) & (v < ed), ds[es] + dt[ed], 2 * INF), initial=2 * INF)
+        accept = ~on_path | (best <= budget)
+        cut = accept & on_path
+        alive = alive.at[v].set(alive[v] & ~cut)
+        ds, dt = jax.lax.cond(cut, recompute, lambda a, s, t: (s, t), alive, ds, dt)
+        removed = removed.at[g].set(accept)
+        return i + 1, count + accept.astype(jnp.int32), removed, alive, ds, dt
+
+    init = (jnp.int32(0), jnp.int32(0), jnp.zeros(graph.num_groups, bool),
+            jnp.arange(n + 1) < n, jnp.asarray(graph.dist_from_input),
+            jnp.asarray(graph.dist_to_output))
+    return jax.lax.while_loop(lambda c: (c[0] < graph.num_groups) & (c[1] < k), visit, init)[2]
+
+
+def hierarchical_search(graph: SearchGraph, saliency: jax.Array, k: jax.Array | int) -> jax.Array:
+    """Algorithm 3, lines 3-10: the redundant set G_r as a boolean mask over groups.
+
+    Groups are visited by ascending ``saliency`` (ties by index); one joins G_r if the removed
+    set stays valid and |G_r| < K. K is capped at ``graph.max_removable``. When that greedy
+    pass ends below K (it kept a path through many groups), the pass is redone accepting only
+    candidates that keep K reachable, so |G_r| = min(K, max_removable) always; whenever the
+    first pass reaches K the two agree.
+
+    Jittable. Time: O(G |E_s|) vectorised work plus an O(|V_s| + |E_s|) worklist for the first
+    pass; the second pass, when needed, adds O(depth) vectorised rounds per acceptance.
+
+    Args:
+      graph: the static :class:`SearchGraph`.
+      saliency: ``float[G]``, smaller = more redundant.
+      k: the target number of redundant groups K.
+
+    Returns:
+      ``bool[G]``, True for the groups in G_r.
+    """
+    if graph.num_groups == 0:
+        return jnp.zeros(0, bool)
+    k = jnp.minimum(jnp.asarray(k, jnp.int32), graph.max_removable)
+    order = jnp.argsort(saliency, stable=True).astype(jnp.int32)
+    removed, count = _greedy_valid(graph, order, k)
+    return jax.lax.cond(count >= k, lambda: removed, lambda: _greedy_feasible(graph, order, k))
+
+
+def top_k_search(num_groups: int, saliency: jax.Array, k: jax.Array | int) -> jax.Array:
+    """The ``k`` groups of smallest ``saliency`` as a mask, with no validity check (DHSPG)."""
+    rank = jnp.argsort(jnp.argsort(saliency, stable=True), stable=True)
+    return rank < jnp.minimum(jnp.asarray(k, jnp.int32), num_groups)

@@ -1,0 +1,238 @@
+"""Cost of H2SPG per step against its base optimizer, and of the one-time hierarchical search.
+
+    python benchmarks/optimizer_step.py [--repeats 7] [--no-darts]
+
+Table 1: DemoNet (Fashion-MNIST shapes), batch 64, on this CPU. For each base optimizer
+(``optax.sgd(momentum=0.9)`` and ``optax.adamw``) and each H2SPG phase, the jitted train step
+(forward + backward + update + ``apply_updates``) and the jitted ``update`` alone, as time per
+step and as the ratio to the base optimizer alone, all measured in this run with the
+configurations interleaved (minimum over ``--repeats`` rounds). "search step" is the single
+update at ``count == warmup_steps`` that also runs the hierarchical search.
+
+Table 2: the in-graph hierarchical search alone (``hierarchical_search``, jitted, after
+compilation) on DARTS-8's search space (464 groups) and on synthetic DARTS-like segment graphs
+of about 500 and 1000 groups, median over random saliencies.
+
+Goals (the PyTorch peer here: OTO's HESSO ``optimizer.step()`` costs 1.96-2.39x
+``torch.optim.SGD``'s, the whole step 1.0-1.05x): in the hybrid phase the whole step at most
+1.05x the base optimizer and the update alone at most 1.5x; the search under 50 ms for 500
+groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import networkx as nx
+import numpy as np
+import optax
+
+import asgssd_jax as ag
+import models
+from asgssd_jax.optim.search import SearchGraph, hierarchical_search
+
+BATCH = 64
+
+
+def _demonet():
+    model = models.create("demonet")
+    x = jax.random.normal(jax.random.key(1), (BATCH, *models.input_shape("demonet")))
+    y = jnp.arange(BATCH) % 10
+    variables = model.init(jax.random.key(0), x[:2])
+    space = ag.generate_search_space(model.apply, variables, x[:2], train=False)
+    return model, space, variables, x, y
+
+
+def _train_step(model, tx, x, y):
+    def loss_fn(params, batch_stats):
+        out, new = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                               mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+        return loss, new["batch_stats"]
+
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state
+
+    return step
+
+
+class _Case:
+    """One optimizer in one phase: a train step and an update, with states to start from."""
+
+    def __init__(self, model, tx, variables, x, y, steps_before: int):
+        self.step = _train_step(model, tx, x, y)
+        self.update = jax.jit(tx.update)
+        params, bs = variables["params"], variables["batch_stats"]
+        state = tx.init(params)
+        for _ in range(steps_before):  # walk into the phase for real
+            params, bs, state = self.step(params, bs, state)
+        self.start = (params, bs, state)
+        self.grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p, "batch_stats": bs}, x), y).mean())(params)
+        jax.block_until_ready(self.step(*self.start))
+        jax.block_until_ready(self.update(self.grads, state, params))
+
+    def time_step(self, n: int) -> float:
+        params, bs, state = self.start
+        t0 = time.perf_counter()
+        for _ in range(n):
+            params, bs, state = self.step(params, bs, state)
+        jax.block_until_ready(params)
+        return (time.perf_counter() - t0) / n
+
+    def time_update(self, n: int) -> float:
+        params, _, state = self.start
+        t0 = time.perf_counter()
+        for _ in range(n):
+            updates, state = self.update(self.grads, state, params)
+        jax.block_until_ready(updates)
+        return (time.perf_counter() - t0) / n
+
+
+def _time_search_step(model, make_tx, variables, x, y, warmup, repeats) -> tuple[float, float]:
+    """The update (and the train step) at count == warmup_steps, from fresh copies."""
+    case = _Case(model, make_tx(), variables, x, y, steps_before=warmup)
+    params, bs, state = case.start
+    steps, updates = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(case.step(params, bs, state))
+        steps.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(case.update(case.grads, state, params))
+        updates.append(time.perf_counter() - t0)
+    return min(steps), min(updates)
+
+
+def optimizer_table(repeats: int) -> None:
+    model, space, variables, x, y = _demonet()
+    warm = 3
+    bases = {
+        "sgd(momentum=0.9)": lambda: optax.sgd(0.05, momentum=0.9),
+        "adamw": lambda: optax.adamw(1e-3, weight_decay=1e-4),
+    }
+    rows = []
+    for base_name, make_base in bases.items():
+        def h2(warmup, proj, make_base=make_base):
+            return ag.h2spg(space, 0.05, 0.6, warmup_steps=warmup, projection_steps=proj,
+                            base=make_base())
+
+        cases = {
+            "base alone": _Case(model, make_base(), variables, x, y, 0),
+            "warm-up": _Case(model, h2(10**7, 1), variables, x, y, 0),
+            "projection": _Case(model, h2(warm, 10**7), variables, x, y, warm + 1),
+            "trained (after projection)": _Case(model, h2(warm, 2), variables, x, y, warm + 2),
+        }
+        step_t = {k: [] for k in cases}
+        upd_t = {k: [] for k in cases}
+        for _ in range(repeats):
+            for k, c in cases.items():  # interleaved, so that load drifts hit all alike
+                step_t[k].append(c.time_step(5))
+                upd_t[k].append(c.time_update(100))
+        search_step, search_update = _time_search_step(
+            model, lambda: h2(warm, 10**7), variables, x, y, warm, repeats)
+        s0, u0 = min(step_t["base alone"]), min(upd_t["base alone"])
+        for k in cases:
+            s, u = min(step_t[k]), min(upd_t[k])
+            rows.append((base_name, k, s * 1e3, s / s0, u * 1e6, u / u0))
+        rows.append((base_name, "search step (once)", search_step * 1e3, search_step / s0,
+                     search_update * 1e6, search_update / u0))
+
+    print(f"DemoNet, batch {BATCH}, {jax.device_count()} {jax.devices()[0].platform} device(s); "
+          f"{space.num_groups} groups, K = {int(0.6 * space.num_groups)}")
+    header = ("base", "phase", "train step ms", "x base", "update us", "x base")
+    widths = (18, 27, 13, 7, 10, 7)
+    print("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in
+                    enumerate(zip(header, widths))))
+    print("-" * (sum(widths) + 10))
+    for base_name, phase, s, sr, u, ur in rows:
+        print(f"{base_name:<18}  {phase:<27}  {s:13.2f}  {sr:7.3f}  {u:10.1f}  {ur:7.3f}")
+
+
+def darts_like_graph(cells: int, seed: int = 0) -> SearchGraph:
+    """A DARTS-like segment graph: each cell has 4 nodes, node i sums one removable op from
+    each of its i + 2 inputs (plus, at random, a parameter-free skip), the cell output
+    concatenates the nodes. About 14 groups per cell."""
+    rng = np.random.default_rng(seed)
+    g = nx.DiGraph()
+    counter = iter(range(10**9))
+    source = next(counter)
+    g.add_node(source)
+    groups = []
+    prev2 = prev1 = source
+    for _ in range(cells):
+        states = [prev2, prev1]
+        for _ in range(4):
+            node = next(counter)
+            for s in states:
+                op = next(counter)
+                g.add_edge(s, op)
+                g.add_edge(op, node)
+                groups.append(op)
+                if rng.random() < 0.2:  # a skip connection: a parameter-free segment
+                    skip = next(counter)
+                    g.add_edge(s, skip)
+                    g.add_edge(skip, node)
+            states.append(node)
+        out = next(counter)
+        for s in states[2:]:
+            g.add_edge(s, out)
+        prev2, prev1 = prev1, out
+    output = next(counter)
+    g.add_edge(prev1, output)
+    return SearchGraph.from_graph(g, [source], output, groups)
+
+
+def darts8_graph() -> SearchGraph:
+    model = models.create("darts_8cells")
+    x = jax.ShapeDtypeStruct((1, *models.input_shape("darts_8cells")), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    space = ag.generate_search_space(model.apply, variables, x, train=False)
+    return SearchGraph.from_space(space)
+
+
+def search_table(repeats: int, darts: bool) -> None:
+    graphs = {}
+    if darts:
+        graphs["DARTS-8 (zoo)"] = darts8_graph()
+    graphs["DARTS-like, 36 cells"] = darts_like_graph(36)
+    graphs["DARTS-like, 72 cells"] = darts_like_graph(72)
+    print()
+    print("hierarchical search (one call, jitted, compiled beforehand)")
+    print(f"{'graph':<22} {'groups':>6} {'|V_s|':>6} {'|E_s|':>6} {'sparsity':>8} "
+          f"{'K':>5} {'median ms':>10} {'max ms':>8}")
+    for name, graph in graphs.items():
+        search = jax.jit(hierarchical_search, static_argnums=0)
+        for sparsity in (0.3, 0.7, 0.9):
+            k = int(sparsity * graph.num_groups)
+            times = []
+            for seed in range(repeats * 3):
+                sal = np.random.default_rng(seed).normal(size=graph.num_groups).astype(np.float32)
+                sal = jnp.asarray(sal)
+                jax.block_until_ready(search(graph, sal, k))  # compiled once per k's dtype
+                t0 = time.perf_counter()
+                jax.block_until_ready(search(graph, sal, k))
+                times.append(time.perf_counter() - t0)
+            print(f"{name:<22} {graph.num_groups:>6} {graph.num_nodes:>6} "
+                  f"{len(graph.edge_src):>6} {sparsity:>8} {k:>5} "
+                  f"{statistics.median(times) * 1e3:>10.2f} {max(times) * 1e3:>8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-darts", action="store_true", help="skip DARTS-8's search space")
+    args = parser.parse_args()
+    optimizer_table(args.repeats)
+    search_table(args.repeats, not args.no_darts)
+
+
+if __name__ == "__main__":
+    main()
