@@ -29,6 +29,10 @@ CASES = {
     "darts, 8 cells": ("darts_8cells", {"layers": 8}, None),
     "darts, 16 cells": ("darts_8cells", {"layers": 16}, None),
 }
+# every other zoo network, at its dataset's input size
+for _name in models.names():
+    if _name not in ("demonet", "resnet18", "densenet121", "darts_8cells"):
+        CASES[_name] = (_name, {}, None)
 
 
 def measure(model_name, overrides, shape, repeats):
@@ -59,7 +63,8 @@ def measure(model_name, overrides, shape, repeats):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(CASES), help="rows to run")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES),
+                        metavar="CASE", help=f"rows to run (default all: {', '.join(CASES)})")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rows = {}
