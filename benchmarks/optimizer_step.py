@@ -6,8 +6,10 @@ Table 1: DemoNet (Fashion-MNIST shapes), batch 64, on this CPU. For each base op
 (``optax.sgd(momentum=0.9)`` and ``optax.adamw``) and each H2SPG phase, the jitted train step
 (forward + backward + update + ``apply_updates``) and the jitted ``update`` alone, as time per
 step and as the ratio to the base optimizer alone, all measured in this run with the
-configurations interleaved (minimum over ``--repeats`` rounds). "search step" is the single
-update at ``count == warmup_steps`` that also runs the hierarchical search.
+configurations interleaved (minimum over ``--repeats`` rounds). Ratios are given by wall time
+and by this process's CPU time, which other processes on a shared machine disturb less.
+"search step" is the single update at ``count == warmup_steps`` that also runs the
+hierarchical search.
 
 Table 2: the in-graph hierarchical search alone (``hierarchical_search``, jitted, after
 compilation) on DARTS-8's search space (464 groups) and on synthetic DARTS-like segment graphs
@@ -79,36 +81,52 @@ class _Case:
         jax.block_until_ready(self.step(*self.start))
         jax.block_until_ready(self.update(self.grads, state, params))
 
-    def time_step(self, n: int) -> float:
+    def time_step(self, n: int) -> tuple[float, float]:
         params, bs, state = self.start
-        t0 = time.perf_counter()
+        clocks = _Clocks()
         for _ in range(n):
             params, bs, state = self.step(params, bs, state)
         jax.block_until_ready(params)
-        return (time.perf_counter() - t0) / n
+        return clocks.per(n)
 
-    def time_update(self, n: int) -> float:
+    def time_update(self, n: int) -> tuple[float, float]:
         params, _, state = self.start
-        t0 = time.perf_counter()
+        clocks = _Clocks()
         for _ in range(n):
             updates, state = self.update(self.grads, state, params)
         jax.block_until_ready(updates)
-        return (time.perf_counter() - t0) / n
+        return clocks.per(n)
 
 
-def _time_search_step(model, make_tx, variables, x, y, warmup, repeats) -> tuple[float, float]:
-    """The update (and the train step) at count == warmup_steps, from fresh copies."""
+class _Clocks:
+    """Wall time and this process's CPU time (all threads): on a shared machine the second
+    is less disturbed by other processes."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def per(self, n: int) -> tuple[float, float]:
+        return (time.perf_counter() - self.wall) / n, (time.process_time() - self.cpu) / n
+
+
+def _time_search_step(model, make_tx, variables, x, y, warmup, repeats):
+    """The train step and the update at count == warmup_steps, from the same state each time."""
     case = _Case(model, make_tx(), variables, x, y, steps_before=warmup)
     params, bs, state = case.start
     steps, updates = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        clocks = _Clocks()
         jax.block_until_ready(case.step(params, bs, state))
-        steps.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        steps.append(clocks.per(1))
+        clocks = _Clocks()
         jax.block_until_ready(case.update(case.grads, state, params))
-        updates.append(time.perf_counter() - t0)
-    return min(steps), min(updates)
+        updates.append(clocks.per(1))
+    return _best(steps), _best(updates)
+
+
+def _best(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """Minimum wall time and minimum CPU time over the rounds."""
+    return min(s[0] for s in samples), min(s[1] for s in samples)
 
 
 def optimizer_table(repeats: int) -> None:
@@ -134,26 +152,28 @@ def optimizer_table(repeats: int) -> None:
         upd_t = {k: [] for k in cases}
         for _ in range(repeats):
             for k, c in cases.items():  # interleaved, so that load drifts hit all alike
-                step_t[k].append(c.time_step(5))
-                upd_t[k].append(c.time_update(100))
+                step_t[k].append(c.time_step(3))
+                for _ in range(4):
+                    upd_t[k].append(c.time_update(50))
         search_step, search_update = _time_search_step(
             model, lambda: h2(warm, 10**7), variables, x, y, warm, repeats)
-        s0, u0 = min(step_t["base alone"]), min(upd_t["base alone"])
-        for k in cases:
-            s, u = min(step_t[k]), min(upd_t[k])
-            rows.append((base_name, k, s * 1e3, s / s0, u * 1e6, u / u0))
-        rows.append((base_name, "search step (once)", search_step * 1e3, search_step / s0,
-                     search_update * 1e6, search_update / u0))
+        s0, u0 = _best(step_t["base alone"]), _best(upd_t["base alone"])
+        results = {k: (_best(step_t[k]), _best(upd_t[k])) for k in cases}
+        results["search step (once)"] = (search_step, search_update)
+        for k, (s, u) in results.items():
+            rows.append((base_name, k, s[0] * 1e3, s[0] / s0[0], s[1] / s0[1],
+                         u[0] * 1e6, u[0] / u0[0], u[1] / u0[1]))
 
     print(f"DemoNet, batch {BATCH}, {jax.device_count()} {jax.devices()[0].platform} device(s); "
-          f"{space.num_groups} groups, K = {int(0.6 * space.num_groups)}")
-    header = ("base", "phase", "train step ms", "x base", "update us", "x base")
-    widths = (18, 27, 13, 7, 10, 7)
-    print("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in
-                    enumerate(zip(header, widths))))
-    print("-" * (sum(widths) + 10))
-    for base_name, phase, s, sr, u, ur in rows:
-        print(f"{base_name:<18}  {phase:<27}  {s:13.2f}  {sr:7.3f}  {u:10.1f}  {ur:7.3f}")
+          f"{space.num_groups} groups, K = {int(0.6 * space.num_groups)}; minimum over "
+          f"{repeats} interleaved rounds; ratios to the base alone by wall time and by this "
+          "process's CPU time")
+    print(f"{'base':<18}  {'phase':<27}  {'step ms':>8}  {'x wall':>6}  {'x cpu':>6}  "
+          f"{'update us':>9}  {'x wall':>6}  {'x cpu':>6}")
+    print("-" * 100)
+    for base_name, phase, s, sw, sc, u, uw, uc in rows:
+        print(f"{base_name:<18}  {phase:<27}  {s:8.1f}  {sw:6.3f}  {sc:6.3f}  "
+              f"{u:9.1f}  {uw:6.3f}  {uc:6.3f}")
 
 
 def darts_like_graph(cells: int, seed: int = 0) -> SearchGraph:

@@ -88,8 +88,14 @@ def test_demonet_trains_to_exactly_k_valid_zero_groups_and_an_exact_subnetwork(d
             return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
         return jax.grad(loss)(p)
 
-    params, state = _run(tx, variables["params"], warm + proj - 1, grad_fn)
+    params, state = _run(tx, variables["params"], warm, grad_fn)
+    before = np.asarray(space.group_norms(params))
+    params, state = _run(tx, params, proj - 1, grad_fn, state, start=warm)
     assert len(_zero_set(space, params)) < k  # not yet: the last projection step forces it
+    # The default push fades the redundant groups out: 1/3 of their norm is left here.
+    fading = sorted(_redundant(state))
+    np.testing.assert_allclose(np.asarray(space.group_norms(params))[fading],
+                               before[fading] / proj, rtol=0.2)
     params, state = _run(tx, params, 1, grad_fn, state, start=warm + proj - 1)
     zeros = _zero_set(space, params)
     assert len(zeros) == k and zeros == _redundant(state) and space.is_valid(zeros)

@@ -31,7 +31,7 @@ def dhspg(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     epsilon: optax.ScalarOrSchedule = 0.0,
-    group_lasso: optax.ScalarOrSchedule = 1e-3,
+    group_lasso: optax.ScalarOrSchedule | None = None,
     lasso_amplify: float = 1.1,
     lasso_max_factor: float = 10.0,
     saliency: SaliencyFn | str | None = None,
@@ -66,7 +66,7 @@ def proxsg_plus(
     base: str | optax.GradientTransformation = "sgd",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    group_lasso: optax.ScalarOrSchedule = 1e-3,
+    group_lasso: optax.ScalarOrSchedule | None = 1e-3,
     saliency: SaliencyFn | str | None = None,
     saliency_decay: float = 0.9,
 ) -> optax.GradientTransformation:
@@ -74,8 +74,9 @@ def proxsg_plus(
 
     Each redundant group takes :math:`y_g = x_g + u_g` (``u`` the base update) followed by the
     group soft-threshold :math:`y_g \max(0, 1 - \mu/\|y_g\|)`, :math:`\mu` = learning rate
-    :math:`\times` ``group_lasso``; the last projection step zeroes what remains. Arguments,
-    phases and state are those of :func:`~asgssd_jax.optim.h2spg.h2spg`.
+    :math:`\times` ``group_lasso`` (None: :math:`\|y_g\|/r`, r the projection steps left);
+    the last projection step zeroes what remains. Arguments, phases and state are those of
+    :func:`~asgssd_jax.optim.h2spg.h2spg`.
 
     References:
       Deleu, Bengio, "Structured Sparsity Inducing Adaptive Optimizers for Deep Learning",

@@ -183,6 +183,7 @@ class _Layout:
     grouped: tuple[int, ...]  # indices of leaves in G_s
     buckets: tuple[tuple[int, ...], ...]  # grouped leaves of one shape and dtype
     bucket_groups: np.ndarray  # group of each leaf of the buckets, in bucket order
+    members: tuple[tuple[int, ...], ...]  # the leaves of each group
 
 
 def _layout(space, params, name: str) -> _Layout:
@@ -206,7 +207,13 @@ def _layout(space, params, name: str) -> _Layout:
         by_kind.setdefault((np.shape(leaves[i]), str(leaves[i].dtype)), []).append(i)
     buckets = tuple(tuple(b) for b in by_kind.values())
     order = np.array([gids[i] for b in buckets for i in b], np.int32)
-    return _Layout(gids, grouped, buckets, order)
+    members = tuple(tuple(i for i in grouped if gids[i] == g) for g in range(space.num_groups))
+    return _Layout(gids, grouped, buckets, order, members)
+
+
+# Up to this many grouped leaves, statistics are summed leaf by leaf (fastest to run); beyond,
+# leaves of one shape are stacked first (far fewer operations to compile).
+_FEW_LEAVES = 256
 
 
 def _dots(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -222,6 +229,9 @@ def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array
     """
     if not layout.grouped:
         return jnp.zeros((3, num_groups), jnp.float32)
+    if len(layout.grouped) <= _FEW_LEAVES:
+        return jnp.stack([sum(_dots(a[i], b[i]) for i in leaves)
+                          for leaves in layout.members], axis=1)
     sums = []
     for bucket in layout.buckets:
         if len(bucket) == 1:  # stacking one leaf would only add a copy
@@ -269,7 +279,7 @@ def _active_group_dots(layout: _Layout, num_groups: int, active: jax.Array, a: l
                             lambda: zeros)
 
     def one(g):
-        leaves = [i for i in layout.grouped if layout.leaf_groups[i] == g]
+        leaves = layout.members[g]
         return jax.lax.cond(active[g], lambda: sum(_dots(a[i], b[i]) for i in leaves),
                             lambda: jnp.zeros(3, jnp.float32))
 
@@ -293,7 +303,7 @@ def hybrid_sparse_optimizer(
     momentum: float,
     weight_decay: float,
     epsilon: optax.ScalarOrSchedule,
-    group_lasso: optax.ScalarOrSchedule,
+    group_lasso: optax.ScalarOrSchedule | None,
     lasso_amplify: float,
     lasso_max_factor: float,
     saliency: SaliencyFn | str | None,
@@ -315,6 +325,7 @@ def hybrid_sparse_optimizer(
         raise ValueError(f"{name}: saliency_decay must be in [0, 1), got {saliency_decay}")
     base_tx = _base_optimizer(base, learning_rate, momentum, weight_decay)
     saliency_fn = resolve_saliency(saliency)
+    progressive = group_lasso is None
     lr, lam, eps = _schedule(learning_rate), _schedule(group_lasso), _schedule(epsilon)
     if search == "hierarchical":
         graph = search_graph(space)
@@ -377,17 +388,27 @@ def hybrid_sparse_optimizer(
         active = redundant & ~state.zero & in_proj
 
         xx, xu, uu = _active_group_dots(layout, num_groups, active, xs, us)
-        mu0 = jnp.asarray(lr(count) * lam(count), jnp.float32)
         nx = jnp.sqrt(xx)
         final = count == warm + proj - 1
+        if progressive:
+            # Shrink by 1/r of the norm per step, r = projection steps left (so the group
+            # fades out linearly and the last projection removes only what is left).
+            remaining = jnp.maximum(warm + proj - count, 1).astype(jnp.float32)
+            mu0 = (nx if redundant_step == "half_space" else 1.0) / remaining
+        else:
+            mu0 = jnp.asarray(lr(count) * lam(count), jnp.float32)
         if redundant_step == "half_space":
-            # DHSPG's adaptive group lasso: where the base step grows the group (<x, u> > 0),
-            # strengthen the push so that it wins, without turning it into an ascent direction.
-            low = xu / jnp.where(nx > 0, nx, 1.0)
-            high = uu * nx / jnp.where(xu > 0, xu, 1.0)
-            mu = jnp.clip(lasso_amplify * low, mu0, mu0 * lasso_max_factor)
-            mu = jnp.where(mu >= high, 0.5 * (low + high), mu)
-            mu = jnp.where(xu > 0, mu, mu0)
+            if progressive:  # and cancel whatever growth the base step gives the group
+                mu = mu0 + jnp.maximum(xu, 0.0) / jnp.where(nx > 0, nx, 1.0)
+            else:
+                # DHSPG's adaptive group lasso: where the base step grows the group
+                # (<x, u> > 0), strengthen the push so that it wins, without turning it into
+                # an ascent direction.
+                low = xu / jnp.where(nx > 0, nx, 1.0)
+                high = uu * nx / jnp.where(xu > 0, xu, 1.0)
+                mu = jnp.clip(lasso_amplify * low, mu0, mu0 * lasso_max_factor)
+                mu = jnp.where(mu >= high, 0.5 * (low + high), mu)
+                mu = jnp.where(xu > 0, mu, mu0)
             # Half-space test on x_trial = x + u - mu x/||x||: <x_trial, x> < eps ||x||^2.
             trial_dot_x = xx + xu - mu * nx
             project = active & ((trial_dot_x < eps(count) * xx) | (xx == 0) | final)
@@ -396,6 +417,8 @@ def hybrid_sparse_optimizer(
         else:
             # Proximal group lasso on y = x + u: y (1 - mu/||y||)_+.
             ny = jnp.sqrt(jnp.maximum(xx + 2.0 * xu + uu, 0.0))
+            if progressive:
+                mu0 = ny * mu0
             project = active & ((ny <= mu0) | final)
             shrink = jnp.where(ny > 0, mu0 / jnp.where(ny > 0, ny, 1.0), 0.0)
             keep_u = 1.0 - shrink
@@ -431,7 +454,7 @@ def h2spg(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     epsilon: optax.ScalarOrSchedule = 0.0,
-    group_lasso: optax.ScalarOrSchedule = 1e-3,
+    group_lasso: optax.ScalarOrSchedule | None = None,
     lasso_amplify: float = 1.1,
     lasso_max_factor: float = 10.0,
     saliency: SaliencyFn | str | None = None,
@@ -484,7 +507,12 @@ def h2spg(
       weight_decay: L2 penalty for ``"sgd"``/``"adam"``, decoupled decay for ``"adamw"``.
       epsilon: half-space threshold :math:`\epsilon \ge 0` (scalar or schedule); larger
         projects sooner.
-      group_lasso: group-lasso coefficient :math:`\lambda` (scalar or schedule).
+      group_lasso: None (default): a progressive push, :math:`\mu_g = \|x_g\|/r +
+        \max(0, \langle x_g, u_g\rangle)/\|x_g\|` with r the projection steps left, which
+        cancels any growth from the base step and takes 1/r of the norm, so the group fades
+        out over the projection phase. A number or schedule: DHSPG's group-lasso coefficient
+        :math:`\lambda`, :math:`\mu_g` = learning rate :math:`\times\lambda` adapted per
+        group (then a short projection phase leaves most of the zeroing to its last step).
       lasso_amplify: DHSPG's amplification of the smallest effective :math:`\lambda`.
       lasso_max_factor: the adapted :math:`\lambda` is at most this times ``group_lasso``.
       saliency: a :mod:`~asgssd_jax.optim.saliency` function or its name; smaller = more
