@@ -1,0 +1,1 @@
+"""The paper's experiments: configurations (configs.py) and the runner (run.py)."""
