@@ -388,7 +388,7 @@ def _dags(draw):
     return g, groups, np.asarray(saliency, np.float32)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_dags(), st.floats(0, 0.99))
 def test_search_is_algorithm3_and_always_reaches_k_when_possible(dag, sparsity):
     g, groups, saliency = dag
@@ -416,7 +416,7 @@ def test_search_is_algorithm3_and_always_reaches_k_when_possible(dag, sparsity):
 # Random architectures.
 
 
-@settings(max_examples=8, deadline=None,
+@settings(max_examples=6, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(random_network(), st.floats(0.0, 0.95))
 def test_random_networks_end_with_k_valid_zero_groups_and_an_exact_subnetwork(net, sparsity):
