@@ -115,7 +115,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--optimizer", default=d.optimizer, choices=["h2spg", "dhspg", "proxsg_plus"],
                    help="H2SPG, or a baseline of the paper's ablation (Table 4)")
     p.add_argument("--group-lasso", dest="group_lasso", type=float, default=d.group_lasso,
-                   help="group-lasso coefficient pushing the redundant groups towards zero")
+                   help="group-lasso coefficient pushing the redundant groups towards zero "
+                   "(default: the optimizer's own; H2SPG's fades each group out over the "
+                   "projection phase)")
     p.add_argument("--base", default=d.base, choices=["sgd", "adam", "adamw"],
                    help="base optimizer for the important groups")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")

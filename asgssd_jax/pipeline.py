@@ -48,7 +48,7 @@ class RunConfig:
     periods: int = 2
     base: str = "sgd"
     optimizer: str = "h2spg"  # h2spg | dhspg | proxsg_plus (the Table 4 ablation)
-    group_lasso: float = 1e-3  # the group-lasso push on the redundant groups
+    group_lasso: float | None = None  # None: the optimizer's default push on redundant groups
     momentum: float = 0.9
     weight_decay: float = 0.0
     mixup: float = 0.0
@@ -175,7 +175,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     tx = _OPTIMIZERS[cfg.optimizer](
         space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
         projection_steps=cfg.projection_epochs * spe, base=_base_tx(cfg, schedule),
-        group_lasso=cfg.group_lasso)
+        **({} if cfg.group_lasso is None else {"group_lasso": cfg.group_lasso}))
     k = int(cfg.target_sparsity * space.num_groups)
 
     def train_batches(epoch: int, split=ds.train, augment=ds.augment, seed=cfg.seed):
