@@ -14,15 +14,18 @@ second for DemoNet.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import asgssd_jax as ag
 import models
+from asgssd_jax.trace import leaf_path
 
 
 def zero_set(space: ag.SearchSpace, fraction: float, seed: int) -> list[int]:
@@ -35,6 +38,25 @@ def zero_set(space: ag.SearchSpace, fraction: float, seed: int) -> list[int]:
         if len(chosen) < target and space.is_valid(chosen + [g]):
             chosen.append(g)
     return sorted(chosen)
+
+
+def random_variables(model, x, seed: int):
+    """Random variables of ``model``'s shapes drawn with numpy (compiling ``init`` of the big
+    zoo networks takes minutes on a CPU; the values do not change the timings)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = leaf_path(path).split("/")
+        if name[-1] == "var":
+            return jnp.ones(s.shape, s.dtype)
+        if name[-1] in ("scale", "bias", "mean"):
+            return jnp.asarray(float(name[-1] == "scale") + 0.1 * rng.normal(size=s.shape),
+                               s.dtype)
+        fan_in = max(1, math.prod(s.shape[:-1]))
+        return jnp.asarray(rng.normal(size=s.shape) / math.sqrt(fan_in), s.dtype)
+
+    spec = jax.eval_shape(model.init, jax.random.key(seed), x)
+    return jax.tree_util.tree_map_with_path(fill, spec)
 
 
 def latency(fn, variables, x, repeats: int) -> float:
@@ -51,7 +73,7 @@ def measure(name: str, batch: int, repeats: int, fraction: float, seed: int) -> 
     model = models.create(name)
     shape = models.input_shape(name)
     x1 = jnp.ones((1, *shape), jnp.float32)
-    variables = jax.jit(model.init)(jax.random.key(seed), x1)
+    variables = random_variables(model, x1, seed)
     space = ag.generate_search_space(model.apply, variables, x1, train=False)
     zero = zero_set(space, fraction, seed)
     zeroed = space.zero_groups(variables, zero)

@@ -96,6 +96,20 @@ def _export_errors_logged(log):
         export_lib.export_subnetwork = real
 
 
+def _code_version() -> str | None:
+    """The git commit of the library, with "+dirty" if asgssd_jax/ or models/ differ from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "asgssd_jax", "models"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
                    rerun: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Runs (or reads back) every run of ``name``; returns the collected records and table."""
@@ -103,6 +117,7 @@ def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
 
     tag = name + ("-smoke" if smoke else "")
     exp_dir = out / tag
+    code_version = _code_version()
     records = []
     t0 = time.perf_counter()
     todo = runs(name, smoke=smoke, data_dir=data_dir)
@@ -141,10 +156,11 @@ def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
     notes += [f"sub-network export failed in {rec['out']} (numbers unaffected): "
               f"{rec['export_error']}" for rec in records if rec.get("export_error")]
     result = {"experiment": name, "title": exp.title, "smoke": smoke, "data_dir": data_dir,
-              "notes": notes, "wall_seconds": time.perf_counter() - t0,
-              "records": records, "failed": failed, "table": table}
+              "code_version": code_version, "notes": notes,
+              "wall_seconds": time.perf_counter() - t0, "records": records, "failed": failed,
+              "table": table}
     text = f"## {exp.title}{' (smoke)' if smoke else ''}\n\n{table}\n" + "".join(
-        f"\n{n}\n" for n in notes)
+        f"\n{n}\n" for n in notes) + f"\nLibrary version: {code_version}.\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.md").write_text(text)
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2, default=str))
