@@ -108,6 +108,9 @@ def _add_run_parser(sub) -> None:
                    help="global batch size (split over all devices)")
     p.add_argument("--lr", dest="learning_rate", type=float, default=d.learning_rate,
                    help="initial learning rate")
+    p.add_argument("--lr-warmup-epochs", dest="lr_warmup_epochs", type=int,
+                   default=d.lr_warmup_epochs,
+                   help="epochs of linear learning-rate ramp before the schedule (0: none)")
     p.add_argument("--schedule", default=d.schedule,
                    choices=["cosine", "multi_cosine", "constant"], help="learning-rate schedule")
     p.add_argument("--periods", type=int, default=d.periods,

@@ -44,6 +44,7 @@ class RunConfig:
     finetune_epochs: int = 0
     batch_size: int = 64
     learning_rate: float = 0.1
+    lr_warmup_epochs: int = 1  # linear ramp of the learning rate (0: the paper's plain cosine)
     schedule: str = "cosine"  # cosine | multi_cosine | constant
     periods: int = 2
     base: str = "sgd"
@@ -74,6 +75,8 @@ class RunConfig:
                 f"({self.projection_epochs}) must not exceed --epochs ({self.epochs})")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(_OPTIMIZERS)}")
+        if self.lr_warmup_epochs < 0:
+            raise ValueError("--lr-warmup-epochs must be at least 0")
         if self.schedule not in ("cosine", "multi_cosine", "constant"):
             raise ValueError("--schedule must be cosine, multi_cosine or constant")
 
@@ -81,12 +84,15 @@ class RunConfig:
 _OPTIMIZERS = {"h2spg": h2spg, "dhspg": dhspg, "proxsg_plus": proxsg_plus}
 
 
-def _schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
+def _schedule(cfg: RunConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    warmup = cfg.lr_warmup_epochs * steps_per_epoch
     if cfg.schedule == "cosine":
-        return train_lib.cosine_schedule(cfg.learning_rate, total_steps)
+        return train_lib.cosine_schedule(cfg.learning_rate, total_steps, warmup)
     if cfg.schedule == "multi_cosine":
-        return train_lib.multi_cosine_schedule(cfg.learning_rate, total_steps, cfg.periods)
-    return optax.constant_schedule(cfg.learning_rate)
+        return train_lib.multi_cosine_schedule(cfg.learning_rate, total_steps, cfg.periods,
+                                               warmup)
+    return train_lib.with_linear_warmup(optax.constant_schedule(cfg.learning_rate),
+                                        cfg.learning_rate, warmup)
 
 
 def _base_tx(cfg: RunConfig, schedule) -> optax.GradientTransformation:
@@ -171,7 +177,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
 
     spe = data_lib.num_batches(ds.train, cfg.batch_size)
     total = cfg.epochs * spe
-    schedule = _schedule(cfg, total)
+    schedule = _schedule(cfg, total, spe)
     tx = _OPTIMIZERS[cfg.optimizer](
         space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
         projection_steps=cfg.projection_epochs * spe, base=_base_tx(cfg, schedule),

@@ -33,6 +33,7 @@ __all__ = [
     "make_mesh",
     "make_train_step",
     "multi_cosine_schedule",
+    "with_linear_warmup",
 ]
 
 
@@ -43,18 +44,36 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def cosine_schedule(learning_rate: float, total_steps: int) -> optax.Schedule:
-    """Cosine annealing from ``learning_rate`` to 0 over ``total_steps``."""
-    return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+def with_linear_warmup(schedule: optax.Schedule, peak: float, warmup_steps: int
+                       ) -> optax.Schedule:
+    """``schedule`` preceded by a linear ramp from ``peak / warmup_steps`` to ``peak`` over
+    ``warmup_steps``; ``schedule`` then starts at its own step 0."""
+    if warmup_steps <= 0:
+        return schedule
+    ramp = optax.linear_schedule(peak / warmup_steps, peak, warmup_steps)
+    return optax.join_schedules([ramp, schedule], [warmup_steps])
 
 
-def multi_cosine_schedule(learning_rate: float, total_steps: int, periods: int) -> optax.Schedule:
-    """Cosine annealing restarted ``periods`` times (the paper's DARTS / SuperResNet setting)."""
-    period = max(total_steps // max(periods, 1), 1)
-    return optax.join_schedules(
+def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0
+                    ) -> optax.Schedule:
+    """Cosine annealing from ``learning_rate`` to 0 over ``total_steps`` (the first
+    ``warmup_steps`` of them a linear ramp up to ``learning_rate``)."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return with_linear_warmup(
+        optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1)),
+        learning_rate, warmup_steps)
+
+
+def multi_cosine_schedule(learning_rate: float, total_steps: int, periods: int,
+                          warmup_steps: int = 0) -> optax.Schedule:
+    """Cosine annealing restarted ``periods`` times (the paper's DARTS / SuperResNet setting),
+    after an optional linear ramp of ``warmup_steps``."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    period = max((total_steps - warmup_steps) // max(periods, 1), 1)
+    return with_linear_warmup(optax.join_schedules(
         [optax.cosine_decay_schedule(learning_rate, period) for _ in range(periods)],
         [period * (i + 1) for i in range(periods - 1)],
-    )
+    ), learning_rate, warmup_steps)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
