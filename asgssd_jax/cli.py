@@ -167,6 +167,493 @@ def _models_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- asgssd construct / asgssd export ------------------------------------------------------------
+def _construct_cmd(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    import models
+    from asgssd_jax import (
+        construct_subnetwork,
+        count_macs,
+        count_params,
+        generate_search_space,
+        save_subnetwork,
+        viz,
+    )
+    from asgssd_jax.trace import trace
+
+    overrides = _parse_overrides(args.set or [])
+    if args.run_dir is not None:
+        if args.zero_groups is not None:
+            raise ValueError("--zero-groups is for a zoo model at random initialisation "
+                             "(`asgssd construct --model NAME --zero-groups 0,2`); a run's zero "
+                             "groups are read from its checkpoint")
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir} is not a directory: pass the --out directory of "
+                                    "an `asgssd run`")
+        ckpt_dir, step = _latest_h2spg_checkpoint(run_dir)
+        name, overrides = _run_model(run_dir, args.model, overrides)
+        variables = _restore_trained(ckpt_dir, step)
+        num_classes = _infer_num_classes(name, overrides, _shapes(variables))
+        model = _create_model(name, overrides, num_classes)
+        sample = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
+        _check_variables_match(model, variables, sample, name, overrides)
+        print(f"restored the H2SPG-trained variables of {name} from {run_dir}/checkpoints/h2spg "
+              f"(step {step})")
+        out = Path(args.out) if args.out else run_dir / "construct"
+        source = {"run_dir": str(run_dir.absolute()), "checkpoint_step": step}
+    else:
+        if args.model is None or args.zero_groups is None:
+            raise ValueError("pass RUN_DIR (the --out directory of an `asgssd run`), or "
+                             "--model NAME --zero-groups I,J,... for a zoo model at random "
+                             "initialisation")
+        name = args.model
+        _zoo_spec(name)
+        _parse_group_indices(args.zero_groups, None, name)  # the syntax, before any work
+        num_classes = None
+        model = _create_model(name, overrides, num_classes)
+        sample = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
+        # the groups and which sets are valid depend on the program only: check the request on
+        # zeros before paying for the initialisation
+        shapes = jax.eval_shape(model.init, jax.random.key(args.seed), sample)
+        probe = generate_search_space(
+            model.apply, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
+            sample, train=False)
+        requested = _parse_group_indices(args.zero_groups, probe.num_groups, name)
+        _check_valid(probe, requested, name, from_run=False)
+        variables = jax.jit(model.init)(jax.random.key(args.seed), sample)
+        print(f"initialised {name} with seed {args.seed}")
+        out = Path(args.out) if args.out else Path("runs") / f"construct-{name}"
+        source = {"seed": args.seed}
+
+    space = generate_search_space(model.apply, variables, sample, train=False)
+    print(f"search space: {space.num_groups} removal structures")
+    if args.run_dir is None:
+        variables = space.zero_groups(variables, requested)
+    zero = space.zero_group_indices(variables)
+    if not zero:
+        raise ValueError(
+            f"no group of {name} is exactly zero yet at step {source.get('checkpoint_step')}: "
+            "H2SPG zeroes the redundant groups during its projection phase (after "
+            "--warmup-epochs); continue the run with `asgssd run --resume --out "
+            f"{args.run_dir}` (and its other flags) and construct again")
+    print(f"zero groups: {zero}")
+    _check_valid(space, zero, name, from_run=args.run_dir is not None)
+
+    t0 = time.perf_counter()
+    sub = construct_subnetwork(space, variables)
+    seconds = time.perf_counter() - t0
+    print(f"constructed the sub-network in {seconds:.2f} s")
+
+    x = jax.random.normal(jax.random.key(1), (4, *sample.shape[1:]), sample.dtype)
+    diff = _relative_difference(_jit_apply(model.apply)(variables, x),
+                                _jit_apply(sub.apply)(sub.variables, x))
+    print(f"check on a random batch of {x.shape[0]}: max relative difference to the zeroed full "
+          f"network {diff:.2e}")
+    if not diff <= _TOLERANCE:
+        print(f"error: the sub-network differs from the zeroed full network ({diff:.2e} > "
+              f"{_TOLERANCE:.0e}); nothing was saved. This is a bug of asgssd-jax: please report "
+              "it with the model and the zero groups", file=sys.stderr)
+        return 1
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, force=True)
+    picture = viz.save(viz.draw_trace_graph(
+        trace(sub.apply, sub.variables, sample, train=False), title=f"{name}: sub-network"),
+        out / "subnetwork.svg")
+    full_params, sub_params = count_params(variables), count_params(sub.variables)
+    full_macs = count_macs(model.apply, variables, sample, train=False)
+    sub_macs = count_macs(sub.apply, sub.variables, sample, train=False)
+    meta = {"model": name, "overrides": overrides, "num_classes": num_classes,
+            "input_shape": list(sample.shape[1:]), **source, "zero_groups": zero,
+            "num_groups": space.num_groups,
+            "full": {"params": full_params, "macs": full_macs},
+            "subnetwork": {"params": sub_params, "macs": sub_macs},
+            "relative_difference_to_zeroed_full": diff, "construction_seconds": seconds,
+            "checkpoint": str(ckpt)}
+    (out / "construct.json").write_text(json.dumps(meta, indent=2))
+
+    print()
+    print(f"{'':<13}{'params':>14}{'MACs/example':>16}")
+    print(f"{'full network':<13}{full_params:>14,}{full_macs / 1e6:>15.2f}M")
+    print(f"{'sub-network':<13}{sub_params:>14,}{sub_macs / 1e6:>15.2f}M")
+    print(f"{'kept':<13}{sub_params / full_params:>14.1%}{sub_macs / max(full_macs, 1):>16.1%}")
+    print(f"removed {len(zero)} of {space.num_groups} removal structures: "
+          f"{_group_names(space, zero)}")
+    print()
+    print(f"wrote {ckpt}, {picture}, {out / 'construct.json'}")
+    print(f"export it with: asgssd export {out}")
+    return 0
+
+
+_TOLERANCE = 1e-4  # max relative difference accepted between sub-network and zeroed network
+
+
+def _check_valid(space, zero: list[int], name: str, *, from_run: bool) -> None:
+    if space.is_valid(zero):
+        return
+    hint = ("the run's optimizer cut every path (e.g. --optimizer dhspg at a high "
+            "--target-sparsity); run again with a lower --target-sparsity or with h2spg"
+            if from_run else "keep at least one path from the input to the output; "
+            f"`asgssd space --model {name}` shows the groups")
+    raise ValueError(f"the zero groups {zero} of {name} form an invalid set: without them no "
+                     f"path joins the input to the output. To fix: {hint}")
+
+
+def _jit_apply(apply_fn):
+    """``apply_fn(variables, *x, train=False)``, compiled (eager runs each op on its own)."""
+    import jax
+
+    return jax.jit(lambda v, *x: apply_fn(v, *x, train=False))
+
+
+def _create_model(name: str, overrides: dict, num_classes: int | None):
+    import models
+
+    kwargs = dict(overrides)
+    if num_classes is not None and "num_classes" not in kwargs:
+        kwargs["num_classes"] = num_classes
+    try:
+        return models.create(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"cannot build {name} with {kwargs}: {e}") from None
+
+
+def _run_model(run_dir: Path, model: str | None, overrides: dict) -> tuple[str, dict]:
+    """The zoo model name and field overrides of a run: report.json's config, else
+    config.json's, else ``--model``/``--set``."""
+    for fname in ("report.json", "config.json"):
+        path = run_dir / fname
+        if path.exists():
+            data = json.loads(path.read_text())
+            cfg = data.get("config", data)
+            if "model" not in cfg:
+                raise ValueError(f"{path} records no model; pass --model NAME (and --set)")
+            if model is not None and model != cfg["model"]:
+                raise ValueError(f"{path} says the run trained {cfg['model']!r}, not {model!r}: "
+                                 "leave out --model")
+            _zoo_spec(cfg["model"])
+            return cfg["model"], {**(cfg.get("overrides") or {}), **overrides}
+    if model is None:
+        raise FileNotFoundError(
+            f"{run_dir} has neither report.json nor config.json, so the model it trained is "
+            "unknown (a run killed before it finished): pass --model NAME and any --set "
+            "FIELD=VALUE the run used")
+    _zoo_spec(model)
+    return model, overrides
+
+
+def _latest_h2spg_checkpoint(run_dir: Path) -> tuple[Path, int]:
+    """The directory of a run's H2SPG checkpoints (written by train.fit) and its latest step."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = (run_dir / "checkpoints" / "h2spg").absolute()
+    steps = []
+    if ckpt_dir.is_dir():
+        with ocp.CheckpointManager(ckpt_dir) as manager:
+            steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(
+            f"no H2SPG checkpoint in {ckpt_dir}: is {run_dir} the --out directory of an "
+            "`asgssd run` that finished at least one epoch?")
+    return ckpt_dir, int(max(steps))
+
+
+def _restore_trained(ckpt_dir: Path, step: int) -> dict:
+    """The full variables (params, batch_stats) of a train.fit checkpoint."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(ckpt_dir) as manager:
+        state = manager.restore(step, args=ocp.args.StandardRestore())
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return variables
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    import jax
+    import numpy as np
+
+    from asgssd_jax.trace import leaf_path
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {leaf_path(p): tuple(np.shape(x)) for p, x in flat}
+
+
+def _infer_num_classes(name: str, overrides: dict, shapes: dict[str, tuple[int, ...]]
+                       ) -> int | None:
+    """The ``num_classes`` a run built ``name`` with (it comes from the dataset): the size of
+    the axis that follows ``num_classes`` in the saved variables' shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    import models
+
+    if "num_classes" in overrides:
+        return None
+    default = models.spec(name).num_classes
+    sample = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
+    a, b = (_shapes(jax.eval_shape(_create_model(name, overrides, c).init,
+                                   jax.random.key(0), sample)) for c in (default, default + 1))
+    for path, shape in a.items():
+        got = shapes.get(path)
+        if shape == b.get(path) or got is None or len(got) != len(shape):
+            continue
+        for axis, (sa, sb) in enumerate(zip(shape, b[path])):
+            if (sa, sb) == (default, default + 1):
+                return int(got[axis])
+    return default
+
+
+def _check_variables_match(model, variables, sample, name: str, overrides: dict) -> None:
+    import jax
+
+    want = _shapes(jax.eval_shape(model.init, jax.random.key(0), sample))
+    got = _shapes(variables)
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise ValueError(f"the checkpoint's variables do not fit {name} with overrides "
+                         f"{overrides} (first differences: {diff}); pass the --set FIELD=VALUE "
+                         "the run used")
+
+
+def _zoo_spec(name: str):
+    import models
+
+    try:
+        return models.spec(name)
+    except KeyError as e:  # a KeyError's message would print with quotes
+        raise ValueError(e.args[0]) from None
+
+
+def _parse_group_indices(text: str, num_groups: int | None, name: str) -> list[int]:
+    try:
+        idx = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ValueError(f"--zero-groups expects comma-separated group indices such as 0,2; got "
+                         f"{text!r}") from None
+    if num_groups is None:
+        return idx
+    bad = [i for i in idx if not 0 <= i < num_groups]
+    if bad or not idx:
+        raise ValueError(
+            f"--zero-groups {text!r}: {'indices ' + str(bad) + ' are' if bad else 'no index is'} "
+            f"not in the valid range 0..{num_groups - 1} ({name} has {num_groups} removal "
+            f"structures; `asgssd space --model {name}` lists them)")
+    return sorted(set(idx))
+
+
+def _group_names(space, indices) -> str:
+    """``g0 (conv2/bn, conv2/conv), g3 (...)``: each group's modules."""
+
+    def modules(i: int) -> str:
+        paths = space.groups[i].param_paths
+        return ", ".join(sorted({"/".join(p.split("/")[1:-1]) or p for p in paths}))
+
+    return ", ".join(f"g{i} ({modules(i)})" for i in indices)
+
+
+def _relative_difference(ref, got) -> float:
+    import jax
+    import numpy as np
+
+    ref_leaves, got_leaves = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)
+    if len(ref_leaves) != len(got_leaves):
+        return float("inf")
+    worst = 0.0
+    for r, g in zip(ref_leaves, got_leaves):
+        r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
+        if r.shape != g.shape:
+            return float("inf")
+        worst = max(worst, float(np.max(np.abs(r - g), initial=0.0)
+                                 / (np.max(np.abs(r), initial=0.0) + 1e-12)))
+    return worst
+
+
+def _add_construct_parser(sub) -> None:
+    p = sub.add_parser(
+        "construct", help="build the sub-network of a run's checkpoint, or of chosen groups",
+        description="Rebuilds the sub-network from the latest H2SPG checkpoint of an `asgssd "
+        "run` directory (finished or killed), or, with --model and --zero-groups, from a zoo "
+        "model at random initialisation with those groups set to zero. Checks that it computes "
+        "what the zeroed full network computes and writes its orbax checkpoint, picture and "
+        "construct.json into --out.")
+    p.add_argument("run_dir", nargs="?", help="the --out directory of an `asgssd run`")
+    p.add_argument("--model", help="zoo model (with --zero-groups; or the model of a killed run "
+                   "that left no report.json)")
+    p.add_argument("--zero-groups", dest="zero_groups", metavar="I,J,...",
+                   help="groups to zero in the randomly initialised --model "
+                   "(see `asgssd space --model NAME`)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (with --model)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a model field, e.g. --set width=2 (repeatable)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/construct, or "
+                   "runs/construct-MODEL)")
+    p.set_defaults(func=_construct_cmd)
+
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from asgssd_jax import export_subnetwork, load_exported, load_subnetwork
+
+    ckpt = _find_subnetwork_checkpoint(Path(args.path))
+    name, overrides, num_classes, input_shape = _checkpoint_model(ckpt, args)
+    model = _create_model(name, overrides, num_classes)
+    print(f"loading the sub-network of {name} from {ckpt}")
+    try:
+        sub = load_subnetwork(ckpt, model.apply)
+    except ValueError as e:
+        raise ValueError(f"{e} (the checkpoint does not fit {name} with {overrides}: pass "
+                         "--model and --set FIELD=VALUE as when it was made)") from None
+    sample_args = sub.plan.sample_args
+    if sample_args is None:
+        sample_args = (jax.ShapeDtypeStruct((1, *input_shape), np.float32),)
+    sample_args = tuple(sample_args)
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    platforms = [p for p in (args.platforms or "").split(",") if p] or None
+    if args.out:
+        path = Path(args.out)
+    else:
+        path = ckpt.parent / "export" / ("subnetwork.jax_export" if args.batch is None else
+                                         f"subnetwork_batch{args.batch}.jax_export")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = "symbolic batch dimension" if args.batch is None else f"fixed batch {args.batch}"
+    print(f"exporting with jax.export ({batch}"
+          + (f", platforms {', '.join(platforms)}" if platforms else "") + ")")
+    exported = export_subnetwork(
+        sub, *sample_args, path=path, platforms=platforms, train=False,
+        **({} if args.batch is None else {"batch_dim": str(args.batch)}))
+    mlir = path.with_suffix(".mlir")
+    mlir.write_text(exported.exported.mlir_module())
+    print(f"wrote {path} ({_size(path)}) and {mlir} ({_size(mlir)})")
+
+    backends = {"cuda": "gpu", "rocm": "gpu"}
+    if platforms and jax.default_backend() not in [backends.get(p, p) for p in platforms]:
+        print(f"not checking the artifact: it was lowered for {', '.join(platforms)}, this "
+              f"machine runs {jax.default_backend()}")
+        return 0
+    loaded = load_exported(path)
+    sizes = (2, 5) if args.batch is None else (args.batch,)
+    rng = np.random.default_rng(0)
+    reference = _jit_apply(sub.apply)
+    worst = 0.0
+    for n in sizes:
+        x = tuple(rng.standard_normal((n, *a.shape[1:])).astype(a.dtype) for a in sample_args)
+        diff = _relative_difference(reference(sub.variables, *x), loaded(*x))
+        print(f"reloaded artifact vs sub-network, batch {n}: max relative difference {diff:.2e}")
+        worst = max(worst, diff)
+    if not worst <= _TOLERANCE:
+        print(f"error: the reloaded artifact differs from the sub-network ({worst:.2e} > "
+              f"{_TOLERANCE:.0e}); this is a bug of asgssd-jax: please report it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _find_subnetwork_checkpoint(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass an `asgssd run` directory, an "
+                                "`asgssd construct` --out directory, or a sub-network checkpoint")
+    for cand in (path / "subnetwork_checkpoint", path / "construct" / "subnetwork_checkpoint"):
+        if cand.is_dir():
+            return cand
+    if (path / "plan").is_dir() and (path / "variables").is_dir():  # save_subnetwork's layout
+        return path
+    raise FileNotFoundError(
+        f"no sub-network checkpoint in {path} (looked for subnetwork_checkpoint/ and "
+        "construct/subnetwork_checkpoint/): run `asgssd construct "
+        f"{path}` first, or pass the checkpoint directory itself")
+
+
+def _checkpoint_model(ckpt: Path, args: argparse.Namespace
+                      ) -> tuple[str, dict, int | None, tuple[int, ...]]:
+    """Model name, overrides, num_classes and input shape a sub-network checkpoint was made
+    with: from construct.json or report.json next to it, else --model/--set."""
+    import models
+
+    overrides = _parse_overrides(args.set or [])
+    meta_path = ckpt.parent / "construct.json"
+    if meta_path.exists() and args.model is None:
+        meta = json.loads(meta_path.read_text())
+        return (meta["model"], {**meta.get("overrides", {}), **overrides}, meta.get("num_classes"),
+                tuple(meta["input_shape"]))
+    if (ckpt.parent / "report.json").exists() and args.model is None:
+        name, overrides = _run_model(ckpt.parent, None, overrides)
+    elif args.model is not None:
+        name = args.model
+        _zoo_spec(name)
+    else:
+        raise FileNotFoundError(
+            f"no construct.json or report.json next to {ckpt}, so its model is unknown: pass "
+            "--model NAME (and --set FIELD=VALUE as when it was made)")
+    num_classes = _infer_num_classes(name, overrides, _checkpoint_shapes(ckpt))
+    return name, overrides, num_classes, tuple(models.input_shape(name))
+
+
+def _checkpoint_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of a sub-network checkpoint's variables, read from orbax's metadata."""
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns about a missing step-metadata file
+    try:
+        tree = ocp.StandardCheckpointer().metadata((ckpt / "variables").absolute())
+        tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+        return {k: tuple(v) for k, v in _shapes_of_metadata(tree).items()}
+    except Exception:  # an unknown layout: fall back to the zoo's num_classes
+        return {}
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _shapes_of_metadata(tree) -> dict[str, tuple[int, ...]]:
+    import jax
+
+    from asgssd_jax.trace import leaf_path
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))
+    return {leaf_path(p): tuple(x.shape) for p, x in flat}
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a saved sub-network with jax.export (+ StableHLO text)",
+        description="Loads the sub-network saved by `asgssd run` or `asgssd construct`, exports "
+        "it with jax.export (symbolic batch dimension unless --batch), writes the serialized "
+        "artifact (load it with asgssd_jax.load_exported; no model code needed) and its "
+        "StableHLO as .mlir, and checks the reloaded artifact against the sub-network.")
+    p.add_argument("path", help="an `asgssd run` directory, an `asgssd construct` --out "
+                   "directory, or a sub-network checkpoint directory")
+    p.add_argument("--out", help="artifact file (default: CHECKPOINT/../export/"
+                   "subnetwork.jax_export); the .mlir goes next to it")
+    p.add_argument("--batch", type=int, help="fixed batch size instead of a symbolic one")
+    p.add_argument("--platforms", help="comma-separated lowering platforms, e.g. cpu,cuda "
+                   "(default: this machine's)")
+    p.add_argument("--model", help="zoo model of a checkpoint with no construct.json or "
+                   "report.json beside it")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="model field override the checkpoint was made with (repeatable)")
+    p.set_defaults(func=_export_cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="asgssd",
@@ -185,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/space", help="directory for pictures and JSON "
                    "(default: runs/space; '' to skip)")
     p.set_defaults(func=_space_cmd)
+    _add_construct_parser(sub)
+    _add_export_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
