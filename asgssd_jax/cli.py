@@ -179,9 +179,8 @@ def _construct_cmd(args: argparse.Namespace) -> int:
         count_params,
         generate_search_space,
         save_subnetwork,
-        viz,
     )
-    from asgssd_jax.trace import trace
+    from asgssd_jax import report as report_lib
 
     overrides = _parse_overrides(args.set or [])
     if args.run_dir is not None:
@@ -194,9 +193,10 @@ def _construct_cmd(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run_dir} is not a directory: pass the --out directory of "
                                     "an `asgssd run`")
         ckpt_dir, step = _latest_h2spg_checkpoint(run_dir)
-        name, overrides = _run_model(run_dir, args.model, overrides)
+        name, overrides, num_classes = _run_model(run_dir, args.model, overrides)
         variables = _restore_trained(ckpt_dir, step)
-        num_classes = _infer_num_classes(name, overrides, _shapes(variables))
+        if num_classes is None:  # runs of older versions recorded no num_classes
+            num_classes = _infer_num_classes(name, overrides, _shapes(variables))
         model = _create_model(name, overrides, num_classes)
         sample = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
         _check_variables_match(model, variables, sample, name, overrides)
@@ -260,9 +260,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, force=True)
-    picture = viz.save(viz.draw_trace_graph(
-        trace(sub.apply, sub.variables, sample, train=False), title=f"{name}: sub-network"),
-        out / "subnetwork.svg")
+    picture = report_lib.draw_subnetwork(sub, sample, name, out / "subnetwork.svg")
     full_params, sub_params = count_params(variables), count_params(sub.variables)
     full_macs = count_macs(model.apply, variables, sample, train=False)
     sub_macs = count_macs(sub.apply, sub.variables, sample, train=False)
@@ -321,10 +319,12 @@ def _create_model(name: str, overrides: dict, num_classes: int | None):
         raise ValueError(f"cannot build {name} with {kwargs}: {e}") from None
 
 
-def _run_model(run_dir: Path, model: str | None, overrides: dict) -> tuple[str, dict]:
-    """The zoo model name and field overrides of a run: report.json's config, else
-    config.json's, else ``--model``/``--set``."""
-    for fname in ("report.json", "config.json"):
+def _run_model(run_dir: Path, model: str | None, overrides: dict
+               ) -> tuple[str, dict, int | None]:
+    """The zoo model name, field overrides and number of classes (None: not recorded) of a
+    run: config.json's (written when the run starts), else report.json's config, else
+    ``--model``/``--set``."""
+    for fname in ("config.json", "report.json"):
         path = run_dir / fname
         if path.exists():
             data = json.loads(path.read_text())
@@ -335,14 +335,15 @@ def _run_model(run_dir: Path, model: str | None, overrides: dict) -> tuple[str, 
                 raise ValueError(f"{path} says the run trained {cfg['model']!r}, not {model!r}: "
                                  "leave out --model")
             _zoo_spec(cfg["model"])
-            return cfg["model"], {**(cfg.get("overrides") or {}), **overrides}
+            return (cfg["model"], {**(cfg.get("overrides") or {}), **overrides},
+                    data.get("num_classes"))
     if model is None:
         raise FileNotFoundError(
             f"{run_dir} has neither report.json nor config.json, so the model it trained is "
             "unknown (a run killed before it finished): pass --model NAME and any --set "
             "FIELD=VALUE the run used")
     _zoo_spec(model)
-    return model, overrides
+    return model, overrides, None
 
 
 def _latest_h2spg_checkpoint(run_dir: Path) -> tuple[Path, int]:
@@ -582,8 +583,10 @@ def _checkpoint_model(ckpt: Path, args: argparse.Namespace
         meta = json.loads(meta_path.read_text())
         return (meta["model"], {**meta.get("overrides", {}), **overrides}, meta.get("num_classes"),
                 tuple(meta["input_shape"]))
-    if (ckpt.parent / "report.json").exists() and args.model is None:
-        name, overrides = _run_model(ckpt.parent, None, overrides)
+    num_classes = None
+    if any((ckpt.parent / f).exists() for f in ("config.json", "report.json")) \
+            and args.model is None:
+        name, overrides, num_classes = _run_model(ckpt.parent, None, overrides)
     elif args.model is not None:
         name = args.model
         _zoo_spec(name)
@@ -591,7 +594,8 @@ def _checkpoint_model(ckpt: Path, args: argparse.Namespace
         raise FileNotFoundError(
             f"no construct.json or report.json next to {ckpt}, so its model is unknown: pass "
             "--model NAME (and --set FIELD=VALUE as when it was made)")
-    num_classes = _infer_num_classes(name, overrides, _checkpoint_shapes(ckpt))
+    if num_classes is None:
+        num_classes = _infer_num_classes(name, overrides, _checkpoint_shapes(ckpt))
     return name, overrides, num_classes, tuple(models.input_shape(name))
 
 

@@ -167,6 +167,10 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     ds = data_lib.load(cfg.dataset, data_dir=cfg.data_dir, input_shape=spec.input_shape,
                        train_size=cfg.train_size, test_size=cfg.test_size)
     model = models.create(cfg.model, num_classes=ds.num_classes, **cfg.overrides)
+    # What the run trains, written first so that a killed run can be rebuilt (asgssd construct).
+    (out / "config.json").write_text(json.dumps(
+        {**dataclasses.asdict(cfg), "num_classes": ds.num_classes,
+         "input_shape": list(ds.input_shape)}, indent=2, default=_json_default))
     sample = jnp.zeros((1, *ds.input_shape), jnp.float32)
     variables = jax.jit(model.init)(jax.random.key(cfg.seed), sample)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Any
 from asgssd_jax import viz
 from asgssd_jax.trace import trace
 
-__all__ = ["plot_history", "write_all", "write_markdown"]
+__all__ = ["draw_subnetwork", "plot_history", "write_all", "write_markdown"]
 
 
 def write_all(report: dict[str, Any], space, sub, out: Path, sample) -> list[Path]:
@@ -25,12 +25,16 @@ def write_all(report: dict[str, Any], space, sub, out: Path, sample) -> list[Pat
                  out / "redundant_structures.svg"),
     ]
     if sub is not None:
-        files.append(viz.save(viz.draw_trace_graph(
-            trace(sub.apply, sub.variables, sample, train=False), title=f"{name}: sub-network"),
-            out / "subnetwork.svg"))
+        files.append(draw_subnetwork(sub, sample, name, out / "subnetwork.svg"))
     files += plot_history(report, out)
     files.append(write_markdown(report, out))
     return files
+
+
+def draw_subnetwork(sub, sample, name: str, path: Path) -> Path:
+    """The sub-network's trace graph, traced on ``sample``, saved to ``path`` (SVG)."""
+    return viz.save(viz.draw_trace_graph(trace(sub.apply, sub.variables, sample, train=False),
+                                         title=f"{name}: sub-network"), path)
 
 
 def plot_history(report: dict[str, Any], out: Path) -> list[Path]:

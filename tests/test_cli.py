@@ -80,6 +80,12 @@ def test_construct_from_a_killed_run_uses_its_latest_checkpoint(run_dir, tmp_pat
     report = json.loads((run_dir / "report.json").read_text())
     assert meta["zero_groups"] == report["zero_groups"]
     assert meta["checkpoint_step"] == 9
+    # the config.json a run writes when it starts is enough: no --model needed
+    shutil.copy(run_dir / "config.json", killed / "config.json")
+    assert cli.main(["construct", str(killed), "--out", str(killed / "c2")]) == 0
+    capsys.readouterr()
+    assert json.loads((killed / "c2" / "construct.json").read_text())["zero_groups"] == \
+        report["zero_groups"]
 
 
 def test_construct_refuses_a_checkpoint_with_no_zero_group(run_dir, tmp_path, capsys):
