@@ -112,9 +112,18 @@ def _add_run_parser(sub) -> None:
                    default=d.lr_warmup_epochs,
                    help="epochs of linear learning-rate ramp before the schedule (0: none)")
     p.add_argument("--schedule", default=d.schedule,
-                   choices=["cosine", "multi_cosine", "constant"], help="learning-rate schedule")
+                   choices=["cosine", "multi_cosine", "step", "constant"],
+                   help="learning-rate schedule")
     p.add_argument("--periods", type=int, default=d.periods,
                    help="cosine periods for --schedule multi_cosine")
+    p.add_argument("--step-epochs", dest="step_epochs", type=int, default=d.step_epochs,
+                   help="for --schedule step: the learning rate falls x0.1 every this many "
+                   "epochs")
+    p.add_argument("--search-lr", dest="search_learning_rate", type=float,
+                   default=d.search_learning_rate,
+                   help="constant learning rate of the hierarchical search phase (the warm-up "
+                   "epochs); the schedule then starts afresh from --lr (default: one schedule "
+                   "for the whole run)")
     p.add_argument("--optimizer", default=d.optimizer, choices=["h2spg", "dhspg", "proxsg_plus"],
                    help="H2SPG, or a baseline of the paper's ablation (Table 4)")
     p.add_argument("--group-lasso", dest="group_lasso", type=float, default=d.group_lasso,

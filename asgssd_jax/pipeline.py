@@ -45,8 +45,10 @@ class RunConfig:
     batch_size: int = 64
     learning_rate: float = 0.1
     lr_warmup_epochs: int = 1  # linear ramp of the learning rate (0: the paper's plain cosine)
-    schedule: str = "cosine"  # cosine | multi_cosine | constant
-    periods: int = 2
+    schedule: str = "cosine"  # cosine | multi_cosine | step | constant
+    periods: int = 2  # cosine periods of multi_cosine
+    step_epochs: int = 75  # the step schedule's learning rate falls x0.1 every step_epochs
+    search_learning_rate: float | None = None  # constant rate of the search phase (Table 8)
     base: str = "sgd"
     optimizer: str = "h2spg"  # h2spg | dhspg | proxsg_plus (the Table 4 ablation)
     group_lasso: float | None = None  # None: the optimizer's default push on redundant groups
@@ -77,22 +79,44 @@ class RunConfig:
             raise ValueError(f"--optimizer must be one of {', '.join(_OPTIMIZERS)}")
         if self.lr_warmup_epochs < 0:
             raise ValueError("--lr-warmup-epochs must be at least 0")
-        if self.schedule not in ("cosine", "multi_cosine", "constant"):
-            raise ValueError("--schedule must be cosine, multi_cosine or constant")
+        if self.schedule not in ("cosine", "multi_cosine", "step", "constant"):
+            raise ValueError("--schedule must be cosine, multi_cosine, step or constant")
+        if self.step_epochs < 1:
+            raise ValueError("--step-epochs must be at least 1")
+        if self.search_learning_rate is not None and not self.search_learning_rate > 0:
+            raise ValueError(f"--search-lr must be positive, got {self.search_learning_rate}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--lr must be positive, got {self.learning_rate}")
 
 
 _OPTIMIZERS = {"h2spg": h2spg, "dhspg": dhspg, "proxsg_plus": proxsg_plus}
 
 
 def _schedule(cfg: RunConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate over the run. With ``search_learning_rate``, the hierarchical search
+    phase (H2SPG's warm-up) runs at that constant rate and ``schedule`` starts afresh from
+    ``learning_rate`` after it (the paper's Table 8)."""
     warmup = cfg.lr_warmup_epochs * steps_per_epoch
+    if cfg.search_learning_rate is None:
+        return _main_schedule(cfg, total_steps, warmup, steps_per_epoch)
+    search = cfg.warmup_epochs * steps_per_epoch
+    first = train_lib.with_linear_warmup(optax.constant_schedule(cfg.search_learning_rate),
+                                         cfg.search_learning_rate, min(warmup, search - 1))
+    return optax.join_schedules(
+        [first, _main_schedule(cfg, total_steps - search, 0, steps_per_epoch)], [search])
+
+
+def _main_schedule(cfg: RunConfig, total_steps: int, warmup: int, steps_per_epoch: int
+                   ) -> optax.Schedule:
+    lr = cfg.learning_rate
     if cfg.schedule == "cosine":
-        return train_lib.cosine_schedule(cfg.learning_rate, total_steps, warmup)
+        return train_lib.cosine_schedule(lr, total_steps, warmup)
     if cfg.schedule == "multi_cosine":
-        return train_lib.multi_cosine_schedule(cfg.learning_rate, total_steps, cfg.periods,
-                                               warmup)
-    return train_lib.with_linear_warmup(optax.constant_schedule(cfg.learning_rate),
-                                        cfg.learning_rate, warmup)
+        return train_lib.multi_cosine_schedule(lr, total_steps, cfg.periods, warmup)
+    if cfg.schedule == "step":
+        return train_lib.with_linear_warmup(optax.exponential_decay(
+            lr, cfg.step_epochs * steps_per_epoch, 0.1, staircase=True), lr, warmup)
+    return train_lib.with_linear_warmup(optax.constant_schedule(lr), lr, warmup)
 
 
 def _base_tx(cfg: RunConfig, schedule) -> optax.GradientTransformation:

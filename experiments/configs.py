@@ -77,11 +77,11 @@ EXPERIMENTS = {
     "table6": Experiment("Table 6: OFA ofa-pixel1-143 / ImageNet", "rows"),
     "table7": Experiment("Table 7: RegNet-800M / CIFAR-10, length of the hierarchical search "
                          "phase (epochs), target sparsity 0.5", "grid"),
-    "table8": Experiment("Table 8: RegNet-800M / CIFAR-10, initial learning rate, target "
-                         "sparsity 0.5", "grid",
-                         "paper: after the 50-epoch search the learning rate is reset to 0.1 "
-                         "and decayed x0.1 every 75 epochs; the pipeline has no such schedule, "
-                         "so here the learning rate of the column applies to the whole run"),
+    "table8": Experiment("Table 8: RegNet-800M / CIFAR-10, learning rate of the hierarchical "
+                         "search phase, target sparsity 0.5", "grid",
+                         "As in the paper, the column's learning rate holds during the search "
+                         "phase; after it the rate is reset to 0.1 and falls x0.1 every 75 "
+                         "epochs (every 3 epochs in the smoke runs)."),
 }
 
 SEARCH_EPOCHS = 50  # Appendix A.2
@@ -253,8 +253,11 @@ def _table7(smoke, data_dir):
 def _table8(smoke, data_dir):
     paper = {0.1: "94.61 ± 0.19", 0.01: "94.34 ± 0.25", 0.001: "93.90 ± 0.41"}
     seeds = range(2) if smoke else range(5)  # the paper does not say how many; Table 7 has 5
+    # The column's rate holds through the search phase (constant: CHOSEN); then the rate is
+    # reset to 0.1 and falls x0.1 every 75 epochs (every 3 of the smoke run's 9).
+    after = dict(learning_rate=0.1, schedule="step", step_epochs=3 if smoke else 75)
     return [Run("H2SPG", f"{lr:g}", _regnet(smoke, data_dir, seed, target_sparsity=0.5,
-                                            learning_rate=lr), {"acc": paper[lr]})
+                                            search_learning_rate=lr, **after), {"acc": paper[lr]})
             for lr in paper for seed in seeds]
 
 

@@ -58,3 +58,24 @@ def test_cli_models_lists_the_zoo(capsys):
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert "demonet" in out and "darts_8cells" in out
+
+
+def test_learning_rate_schedules():
+    from asgssd_jax.pipeline import _schedule
+
+    def at(cfg, *steps):
+        s = _schedule(cfg, 120, 10)
+        return [round(float(s(i)), 6) for i in steps]
+
+    # a one-epoch linear ramp, then cosine annealing to zero
+    assert at(RunConfig(epochs=12), 0, 9, 10, 119) == [0.01, 0.091, 0.1,
+                                                       pytest.approx(2e-5, abs=1e-5)]
+    assert at(RunConfig(epochs=12, lr_warmup_epochs=0), 0) == [0.1]
+    # Table 8: the search phase at its own constant rate, then 0.1 falling x0.1 every 3 epochs
+    cfg = RunConfig(epochs=12, warmup_epochs=3, search_learning_rate=0.001, schedule="step",
+                    step_epochs=3, lr_warmup_epochs=0)
+    assert at(cfg, 0, 29, 30, 59, 60, 90) == [0.001, 0.001, 0.1, 0.1, 0.01, 0.001]
+    with pytest.raises(ValueError, match="--search-lr"):
+        RunConfig(search_learning_rate=0.0).validate()
+    with pytest.raises(ValueError, match="--schedule"):
+        RunConfig(schedule="linear").validate()
