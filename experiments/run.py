@@ -185,8 +185,8 @@ def _paper(p: dict, key: str) -> str:
 
 def _rows_table(records: list[dict]) -> str:
     """Per network: the full network and the sub-network, ours beside the paper's."""
-    lines = ["| backend | dataset | network | params (M) | paper | MACs (M) | paper | top-1 (%) | "
-             "paper | K / groups | H2SPG train (s) |",
+    lines = ["| network | dataset | trained as | params (M) | paper | MACs (M) | paper | "
+             "top-1 (%) | paper | K / groups | H2SPG train (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in records:
