@@ -37,6 +37,10 @@ def _same_config(report_path: Path, config: dict) -> bool:
     if not report_path.exists():
         return False
     old = json.loads(report_path.read_text()).get("config", {})
+    # Fields added to RunConfig since that run took their defaults then.
+    from asgssd_jax.pipeline import RunConfig
+
+    old = {**dataclasses.asdict(RunConfig()), **old}
     # JSON has lists where the config has tuples.
     return json.loads(json.dumps(old)) == json.loads(json.dumps(config))
 
