@@ -37,10 +37,11 @@ def _same_config(report_path: Path, config: dict) -> bool:
     if not report_path.exists():
         return False
     old = json.loads(report_path.read_text()).get("config", {})
-    # Fields added to RunConfig since that run took their defaults then.
+    # Fields added to RunConfig since that run: what the run did before they existed (their
+    # defaults, except the learning-rate warm-up, which came with a default of 1 epoch).
     from asgssd_jax.pipeline import RunConfig
 
-    old = {**dataclasses.asdict(RunConfig()), **old}
+    old = {**dataclasses.asdict(RunConfig()), "lr_warmup_epochs": 0, **old}
     # JSON has lists where the config has tuples.
     return json.loads(json.dumps(old)) == json.loads(json.dumps(config))
 
