@@ -69,7 +69,7 @@ EXPERIMENTS = {
                          "paper top-5 92.8% (the pipeline reports top-1 only)"),
     "table4": Experiment(
         "Table 4: ablation, RegNet-800M / CIFAR-10: H2SPG vs DHSPG vs ProxSG+", "grid",
-        "The paper's Table 4 cells are not in the paper text we have; it states: full "
+        "The paper's text gives no Table 4 cells; it states: full "
         "RegNet-800M 95.01%; H2SPG's sub-networks valid at every sparsity, those at 0.1 and 0.3 "
         "above 95.01%; DHSPG invalid (X) at reasonably large sparsity; ProxSG+ not competitive "
         "with H2SPG."),

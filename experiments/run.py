@@ -74,6 +74,7 @@ def _record(run: Run, report: dict, wall: float) -> dict[str, Any]:
         "wall_seconds": wall,
         "paper": run.paper,
         "export_error": report.get("export_error"),
+        "code_version": report.get("code_version"),
         "versions": report["versions"],
     }
 
@@ -148,9 +149,10 @@ def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
                 continue
             wall = time.perf_counter() - start
             print(f"[{label}] done in {wall:.1f} s", flush=True)
+            report["code_version"] = code_version
             if export_errors:
                 report["export_error"] = export_errors[0]
-                report_path.write_text(json.dumps(report, indent=2, default=str))
+            report_path.write_text(json.dumps(report, indent=2, default=str))
         records.append(_record(r, report, wall))
     failed = [rec for rec in records if "error" in rec]
     records = [rec for rec in records if "error" not in rec]
@@ -165,7 +167,8 @@ def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
               "wall_seconds": time.perf_counter() - t0, "records": records, "failed": failed,
               "table": table}
     text = f"## {exp.title}{' (smoke)' if smoke else ''}\n\n{table}\n" + "".join(
-        f"\n{n}\n" for n in notes) + f"\nLibrary version: {code_version}.\n"
+        f"\n{n}\n" for n in notes) + "\nLibrary version (git commit) of the runs: " + ", ".join(
+        sorted({str(r["code_version"]) for r in records})) + ".\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.md").write_text(text)
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2, default=str))
