@@ -145,8 +145,8 @@ def _table1(smoke, data_dir):
         return [Run("DemoNet", "", RunConfig(**demonet, **SMOKE_DIGITS, epochs=4,
                                              warmup_epochs=1, projection_epochs=1),
                     demonet_paper),
-                Run("StackedUnets", "", RunConfig(**unets, **SMOKE_DIGITS, epochs=6,
-                                                  warmup_epochs=2, projection_epochs=2,
+                Run("StackedUnets", "", RunConfig(**unets, **SMOKE_DIGITS, epochs=12,
+                                                  warmup_epochs=3, projection_epochs=3,
                                                   overrides=SMOKE_STACKED_UNETS), unets_paper)]
     return [Run("DemoNet", "", _full(data_dir, **demonet, dataset="fashion_mnist", epochs=300),
                 demonet_paper),
