@@ -59,9 +59,10 @@ def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 
     """Cosine annealing from ``learning_rate`` to 0 over ``total_steps`` (the first
     ``warmup_steps`` of them a linear ramp up to ``learning_rate``)."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    return with_linear_warmup(
-        optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1)),
-        learning_rate, warmup_steps)
+    if warmup_steps <= 0:
+        return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+    return optax.warmup_cosine_decay_schedule(learning_rate / warmup_steps, learning_rate,
+                                              warmup_steps, total_steps)
 
 
 def multi_cosine_schedule(learning_rate: float, total_steps: int, periods: int,
@@ -206,7 +207,7 @@ def fit(
             state = manager.restore(manager.latest_step(),
                                     args=ocp.args.StandardRestore(abstract))
     step_fn = make_train_step(apply_fn, tx, mesh)
-    start = history.start_step = int(state.step)
+    start = step = history.start_step = int(state.step)
     first_epoch, skip = divmod(start, steps_per_epoch)
     for epoch in range(first_epoch, epochs):
         t0 = time.perf_counter()
@@ -216,7 +217,7 @@ def fit(
             if epoch == first_epoch and i < skip:
                 continue
             state, metrics = step_fn(state, _global_batch(mesh, x), _global_batch(mesh, y))
-            step = int(state.step)
+            step += 1  # == state.step, counted on the host: reading it would wait for the step
             if manager is not None and checkpoint_every and step % checkpoint_every == 0:
                 _save(manager, step, state)
             if on_step is not None or step % 10 == 0 or i == steps_per_epoch - 1:
@@ -234,7 +235,7 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch + 1, record)
         if manager is not None:
-            _save(manager, int(state.step), state)
+            _save(manager, step, state)
     if manager is not None:
         manager.wait_until_finished()
     out = {"params": state.params}
