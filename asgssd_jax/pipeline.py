@@ -220,19 +220,17 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         return data_lib.batches(ds.test, 256, shuffle=False, drop_remainder=False)
 
     sparsity_curve: list[dict[str, float]] = []
-    last = {"redundant": np.zeros(space.num_groups, bool),
-            "saliency": np.zeros(space.num_groups, np.float32)}
+    last = {}  # the H2SPG state of the last step, left on the device until the end
 
     with _Progress(progress) as bar:
         task = bar.task("H2SPG", total - 0)
 
         def on_step(step, metrics, state):
-            info = h2spg_info(state.opt_state)
-            last["redundant"] = np.asarray(info.redundant)
-            last["saliency"] = np.asarray(info.saliency)
-            zeros = int(np.sum(np.asarray(info.zero_groups)))
+            last["info"] = info = h2spg_info(state.opt_state)
+            zero, redundant = jax.device_get((info.zero_groups, info.redundant))
+            zeros = int(np.sum(zero))
             sparsity_curve.append({"step": step, "zero_groups": zeros,
-                                   "redundant": int(np.sum(np.asarray(info.redundant)))})
+                                   "redundant": int(np.sum(redundant))})
             bar.update(task, info=f"loss {metrics['loss']:.3f} zero groups {zeros}/{k}")
 
         def on_epoch(epoch, record):
@@ -256,11 +254,16 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
             baseline = {"eval_accuracy": dense_hist.epochs[-1]["eval_accuracy"],
                         "history": dense_hist.epochs}
 
+    if "info" in last:
+        redundant, saliency = jax.device_get((last["info"].redundant, last["info"].saliency))
+    else:  # a resumed run that had no step left to do
+        redundant = np.zeros(space.num_groups, bool)
+        saliency = np.zeros(space.num_groups, np.float32)
     zero = space.zero_group_indices(trained)
     valid = space.is_valid(zero)
     full_eval = train_lib.evaluate(model.apply, trained, eval_batches())
     x_check = next(iter(eval_batches()))[0][:32]
-    sub, sub_report, finetune = None, None, None
+    sub, sub_report, finetune, export_error = None, None, None, None
     if not valid:
         log(f"the zero groups {zero} cut every path from the input to the output: no valid "
             "sub-network (expected with --optimizer dhspg at high sparsity)")
@@ -286,14 +289,20 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
                         "history": ft_hist.epochs}
             log(f"fine-tuned sub-network: eval accuracy {finetune['eval_accuracy']:.4f}")
         ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, sub_variables, force=True)
-        export_subnetwork(sub, x_check, path=out / "subnetwork.jax_export",
-                          variables=sub_variables, train=False)
+        try:
+            export_subnetwork(sub, x_check, path=out / "subnetwork.jax_export",
+                              variables=sub_variables, train=False)
+        except Exception as e:  # the last, optional artifact: the run's results stand
+            export_error = f"{type(e).__name__}: {e}"
+            log(f"jax.export of the sub-network failed (the run's numbers are unaffected): "
+                f"{export_error}")
         sub_report = {"params": count_params(sub_variables),
                       "macs": count_macs(sub.apply, sub_variables, sample, train=False),
                       "eval_accuracy": sub_eval["accuracy"],
                       "relative_difference_to_zeroed_full": exact_err,
                       "construction_seconds": construct_seconds,
-                      "checkpoint": str(ckpt), "export": str(out / "subnetwork.jax_export")}
+                      "checkpoint": str(ckpt),
+                      "export": None if export_error else str(out / "subnetwork.jax_export")}
 
     report = {
         "model": cfg.model,
@@ -310,13 +319,14 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         "valid": valid,
         "subnetwork": sub_report,
         "zero_groups": zero,
-        "redundant_groups": [int(i) for i in np.flatnonzero(last["redundant"])],
-        "search_cost_seconds": _search_cost(space, last["saliency"], k),
+        "redundant_groups": [int(i) for i in np.flatnonzero(redundant)],
+        "search_cost_seconds": _search_cost(space, saliency, k),
         "train_seconds": train_seconds,
         "history": {"steps": history.steps, "epochs": history.epochs,
                     "sparsity": sparsity_curve},
         "baseline": baseline,
         "finetune": finetune,
+        "export_error": export_error,
         "versions": _versions(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))

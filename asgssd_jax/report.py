@@ -66,12 +66,7 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
                     label="sub-network")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("test accuracy")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(out / "loss_accuracy.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    files.append(_save_figure(plt, fig, ax2, out / "loss_accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     sp = hist["sparsity"]
@@ -83,13 +78,18 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("groups")
     ax.set_title(f"group sparsity ({report['search_space']['num_groups']} removal structures)")
+    files.append(_save_figure(plt, fig, ax, out / "group_sparsity.png"))
+    return files
+
+
+def _save_figure(plt, fig, ax, path: Path) -> Path:
+    """Grid and legend on ``ax``, then ``fig`` saved to ``path`` and closed."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    files.append(out / "group_sparsity.png")
-    fig.savefig(files[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return files
+    return path
 
 
 def _m(x: float) -> str:
@@ -136,7 +136,8 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         f"{sub['construction_seconds']:.2f} s; training took {report['train_seconds']:.1f} s"
         + (f"; hierarchical search (search cost) {search * 1e3:.2f} ms" if search else ""),
         f"- checkpoint: `{Path(sub['checkpoint']).name}`; export: "
-        f"`{Path(sub['export']).name}`",
+        + (f"`{Path(sub['export']).name}`" if sub["export"]
+           else f"failed ({report.get('export_error')})"),
         "",
         "![trace graph](trace_graph.svg) ![segment graph](segment_graph.svg)",
         "![redundant structures](redundant_structures.svg) ![sub-network](subnetwork.svg)",

@@ -12,7 +12,6 @@ written to ``OUT/NAME[-smoke].md`` with the collected numbers in ``OUT/NAME[-smo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import re
@@ -79,29 +78,6 @@ def _record(run: Run, report: dict, wall: float) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _export_errors_logged(log):
-    """Lets a run finish when ``export_subnetwork`` (the pipeline's last optional artifact)
-    raises: the error is logged and returned instead. Everything else is unchanged."""
-    from asgssd_jax import export as export_lib
-
-    real, errors = export_lib.export_subnetwork, []
-
-    def export_or_log(*args, **kwargs):
-        try:
-            return real(*args, **kwargs)
-        except Exception as e:
-            errors.append(f"{type(e).__name__}: {e}")
-            log(f"export_subnetwork failed, run continues: {errors[-1]}")
-            return None
-
-    export_lib.export_subnetwork = export_or_log
-    try:
-        yield errors
-    finally:
-        export_lib.export_subnetwork = real
-
-
 def _code_version() -> str | None:
     """The git commit of the library, with "+dirty" if asgssd_jax/ or models/ differ from it."""
     import subprocess
@@ -139,8 +115,7 @@ def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
             log = (lambda s, label=label: print(f"[{label}] {s}", flush=True)) if verbose \
                 else (lambda s: None)
             try:
-                with _export_errors_logged(log) as export_errors:
-                    report = pipeline_run(cfg, progress=False, log=log)
+                report = pipeline_run(cfg, progress=False, log=log)
             except Exception as e:  # one failing run must not lose the others
                 print(f"[{label}] FAILED: {type(e).__name__}: {e}", flush=True)
                 records.append({"row": r.row, "column": r.column, "seed": cfg.seed,
@@ -150,8 +125,6 @@ def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
             wall = time.perf_counter() - start
             print(f"[{label}] done in {wall:.1f} s", flush=True)
             report["code_version"] = code_version
-            if export_errors:
-                report["export_error"] = export_errors[0]
             report_path.write_text(json.dumps(report, indent=2, default=str))
         records.append(_record(r, report, wall))
     failed = [rec for rec in records if "error" in rec]

@@ -79,3 +79,24 @@ def test_learning_rate_schedules():
         RunConfig(search_learning_rate=0.0).validate()
     with pytest.raises(ValueError, match="--schedule"):
         RunConfig(schedule="linear").validate()
+
+
+def test_a_failing_export_leaves_the_runs_results(tmp_path, monkeypatch):
+    """jax.export is the run's last, optional artifact: when it fails, the report stands."""
+    from asgssd_jax import export as export_lib
+
+    def fail(*args, **kwargs):
+        raise NotImplementedError("no lowering for this primitive")
+
+    monkeypatch.setattr(export_lib, "export_subnetwork", fail)
+    logged = []
+    report = run(RunConfig(model="demonet", dataset="synthetic", train_size=64, test_size=32,
+                           epochs=2, warmup_epochs=1, projection_epochs=1, batch_size=32,
+                           target_sparsity=0.5, out=str(tmp_path)),
+                 log=logged.append, progress=False)
+    assert report["export_error"] == "NotImplementedError: no lowering for this primitive"
+    assert report["subnetwork"]["export"] is None and report["subnetwork"]["params"] > 0
+    assert any("jax.export of the sub-network failed" in line for line in logged)
+    assert (tmp_path / "subnetwork_checkpoint").exists()
+    assert not (tmp_path / "subnetwork.jax_export").exists()
+    assert "export: failed (NotImplementedError" in (tmp_path / "report.md").read_text()
