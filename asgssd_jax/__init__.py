@@ -23,7 +23,12 @@ from asgssd_jax.optim import (
 )
 from asgssd_jax.search_space import Group, SearchSpace, generate_search_space
 from asgssd_jax.segments import Segment, SegmentGraph, build_segment_graph
-from asgssd_jax.surgery import SubNetwork, SurgeryError, construct_subnetwork
+from asgssd_jax.surgery import (
+    SubNetwork,
+    SurgeryError,
+    construct_subnetwork,
+    relative_difference,
+)
 from asgssd_jax.trace import TraceError, TraceGraph, trace, trace_program
 
 __version__ = "0.1.0"
@@ -43,6 +48,7 @@ __all__ = [
     "TraceGraph",
     "build_segment_graph",
     "construct_subnetwork",
+    "relative_difference",
     "cost_aware_saliency",
     "count_macs",
     "count_params",

@@ -187,6 +187,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
         count_macs,
         count_params,
         generate_search_space,
+        relative_difference,
         save_subnetwork,
     )
     from asgssd_jax import report as report_lib
@@ -257,7 +258,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
     print(f"constructed the sub-network in {seconds:.2f} s")
 
     x = jax.random.normal(jax.random.key(1), (4, *sample.shape[1:]), sample.dtype)
-    diff = _relative_difference(_jit_apply(model.apply)(variables, x),
+    diff = relative_difference(_jit_apply(model.apply)(variables, x),
                                 _jit_apply(sub.apply)(sub.variables, x))
     print(f"check on a random batch of {x.shape[0]}: max relative difference to the zeroed full "
           f"network {diff:.2e}")
@@ -384,13 +385,14 @@ def _restore_trained(ckpt_dir: Path, step: int) -> dict:
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """Leaf path -> shape, for arrays, shape structs and orbax's array metadata alike."""
     import jax
-    import numpy as np
 
     from asgssd_jax.trace import leaf_path
 
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {leaf_path(p): tuple(np.shape(x)) for p, x in flat}
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))
+    return {leaf_path(p): tuple(x.shape) for p, x in flat}
 
 
 def _infer_num_classes(name: str, overrides: dict, shapes: dict[str, tuple[int, ...]]
@@ -466,23 +468,6 @@ def _group_names(space, indices) -> str:
     return ", ".join(f"g{i} ({modules(i)})" for i in indices)
 
 
-def _relative_difference(ref, got) -> float:
-    import jax
-    import numpy as np
-
-    ref_leaves, got_leaves = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)
-    if len(ref_leaves) != len(got_leaves):
-        return float("inf")
-    worst = 0.0
-    for r, g in zip(ref_leaves, got_leaves):
-        r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
-        if r.shape != g.shape:
-            return float("inf")
-        worst = max(worst, float(np.max(np.abs(r - g), initial=0.0)
-                                 / (np.max(np.abs(r), initial=0.0) + 1e-12)))
-    return worst
-
-
 def _add_construct_parser(sub) -> None:
     p = sub.add_parser(
         "construct", help="build the sub-network of a run's checkpoint, or of chosen groups",
@@ -509,7 +494,12 @@ def _export_cmd(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from asgssd_jax import export_subnetwork, load_exported, load_subnetwork
+    from asgssd_jax import (
+        export_subnetwork,
+        load_exported,
+        load_subnetwork,
+        relative_difference,
+    )
 
     ckpt = _find_subnetwork_checkpoint(Path(args.path))
     name, overrides, num_classes, input_shape = _checkpoint_model(ckpt, args)
@@ -555,7 +545,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
     worst = 0.0
     for n in sizes:
         x = tuple(rng.standard_normal((n, *a.shape[1:])).astype(a.dtype) for a in sample_args)
-        diff = _relative_difference(reference(sub.variables, *x), loaded(*x))
+        diff = relative_difference(reference(sub.variables, *x), loaded(*x))
         print(f"reloaded artifact vs sub-network, batch {n}: max relative difference {diff:.2e}")
         worst = max(worst, diff)
     if not worst <= _TOLERANCE:
@@ -620,21 +610,11 @@ def _checkpoint_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
     try:
         tree = ocp.StandardCheckpointer().metadata((ckpt / "variables").absolute())
         tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-        return {k: tuple(v) for k, v in _shapes_of_metadata(tree).items()}
+        return _shapes(tree)
     except Exception:  # an unknown layout: fall back to the zoo's num_classes
         return {}
     finally:
         absl_logger.setLevel(level)
-
-
-def _shapes_of_metadata(tree) -> dict[str, tuple[int, ...]]:
-    import jax
-
-    from asgssd_jax.trace import leaf_path
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))
-    return {leaf_path(p): tuple(x.shape) for p, x in flat}
 
 
 def _size(path: Path) -> str:

@@ -182,7 +182,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     """Runs Algorithm 1 and writes the run directory; returns the report (as report.json)."""
     from asgssd_jax import report as report_lib
     from asgssd_jax.export import export_subnetwork, save_subnetwork
-    from asgssd_jax.surgery import construct_subnetwork
+    from asgssd_jax.surgery import construct_subnetwork, relative_difference
 
     cfg.validate()
     out = Path(cfg.out)
@@ -274,7 +274,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         sub_eval = train_lib.evaluate(sub.apply, sub.variables, eval_batches())
         ref = model.apply(trained, x_check, train=False)
         got = sub.apply(sub.variables, x_check, train=False)
-        exact_err = float(jnp.max(jnp.abs(ref - got)) / (jnp.max(jnp.abs(ref)) + 1e-12))
+        exact_err = relative_difference(ref, got)
         log(f"sub-network: {count_params(sub.variables):,} params; accuracy full "
             f"{full_eval['accuracy']:.4f}, sub {sub_eval['accuracy']:.4f}; relative "
             f"difference to the zeroed full network {exact_err:.2e}")

@@ -54,7 +54,8 @@ from jax.extend import core as jex_core
 from asgssd_jax.search_space import _ELEMENTWISE, SearchSpace, _shape_of, follow_channels
 from asgssd_jax.trace import Program, TraceError, leaf_path, trace_program
 
-__all__ = ["ModePlan", "SubNetwork", "SubNetworkPlan", "SurgeryError", "construct_subnetwork"]
+__all__ = ["ModePlan", "SubNetwork", "SubNetworkPlan", "SurgeryError", "construct_subnetwork",
+           "relative_difference"]
 
 
 class SurgeryError(ValueError):
@@ -1319,3 +1320,20 @@ def _kept_leaves(plan: SubNetworkPlan, variables: Any) -> list[Any]:
                                f"expected {want}; pass sub.variables (or a tree like it)")
         out.append(x)
     return out
+
+
+def relative_difference(ref: Any, got: Any) -> float:
+    """max |ref - got| / max |ref| over the leaves of two output trees (in float64): how far a
+    sub-network's outputs are from the zeroed full network's. ``inf`` if the structures or
+    shapes differ."""
+    ref_leaves, got_leaves = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)
+    if len(ref_leaves) != len(got_leaves):
+        return float("inf")
+    worst = 0.0
+    for r, g in zip(ref_leaves, got_leaves):
+        r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
+        if r.shape != g.shape:
+            return float("inf")
+        worst = max(worst, float(np.max(np.abs(r - g), initial=0.0)
+                                 / (np.max(np.abs(r), initial=0.0) + 1e-12)))
+    return worst

@@ -84,8 +84,7 @@ def measure(name: str, batch: int, repeats: int, fraction: float, seed: int) -> 
     x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
     full_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
     sub_fn = jax.jit(sub.apply)
-    err = float(jnp.abs(full_fn(zeroed, x) - sub_fn(sub.variables, x)).max()
-                / jnp.abs(full_fn(zeroed, x)).max())
+    err = ag.relative_difference(full_fn(zeroed, x), sub_fn(sub.variables, x))
     row = {
         "groups": f"{len(zero)}/{space.num_groups}",
         "params": (ag.count_params(variables), ag.count_params(sub)),

@@ -456,3 +456,16 @@ def test_nnx_module():
     assert sub.variables["params"]["c"]["kernel"].shape == (3, 3, 4, 5)
     assert "a" not in sub.variables["params"]
     assert rel_err(sub.apply(sub.variables, X), space.apply_fn(vz, X)) <= RTOL
+
+
+def test_relative_difference():
+    import numpy as np
+
+    from asgssd_jax import relative_difference
+
+    a = {"y": np.array([1.0, -4.0]), "z": np.array([2.0])}
+    assert relative_difference(a, a) == 0.0
+    assert relative_difference(a, {"y": np.array([1.0, -3.0]), "z": np.array([2.0])}) == \
+        pytest.approx(0.25)
+    assert relative_difference(a, {"y": np.array([1.0]), "z": np.array([2.0])}) == float("inf")
+    assert relative_difference(a, {"y": a["y"]}) == float("inf")
