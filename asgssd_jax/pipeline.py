@@ -223,7 +223,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     last = {}  # the H2SPG state of the last step, left on the device until the end
 
     with _Progress(progress) as bar:
-        task = bar.task("H2SPG", total - 0)
+        task = bar.task("H2SPG", total)
 
         def on_step(step, metrics, state):
             last["info"] = info = h2spg_info(state.opt_state)
@@ -246,7 +246,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
 
         baseline = None
         if cfg.baseline:
-            dense, dense_hist = train_lib.fit(
+            _, dense_hist = train_lib.fit(
                 model.apply, variables, _base_tx(cfg, schedule), train_batches,
                 epochs=cfg.epochs, steps_per_epoch=spe, eval_batches=eval_batches,
                 on_epoch=lambda e, r: log(f"baseline epoch {e}: eval accuracy "
