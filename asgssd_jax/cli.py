@@ -14,7 +14,7 @@ def _space_cmd(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    import models
+    import asgssd_zoo as models
     from asgssd_jax import count_macs, count_params, generate_search_space, viz
 
     try:
@@ -168,7 +168,7 @@ def _report_cmd(args: argparse.Namespace) -> int:
 
 
 def _models_cmd(args: argparse.Namespace) -> int:
-    import models
+    import asgssd_zoo as models
 
     for name in models.names():
         s = models.spec(name)
@@ -181,7 +181,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    import models
+    import asgssd_zoo as models
     from asgssd_jax import (
         construct_subnetwork,
         count_macs,
@@ -318,7 +318,7 @@ def _jit_apply(apply_fn):
 
 
 def _create_model(name: str, overrides: dict, num_classes: int | None):
-    import models
+    import asgssd_zoo as models
 
     kwargs = dict(overrides)
     if num_classes is not None and "num_classes" not in kwargs:
@@ -402,7 +402,7 @@ def _infer_num_classes(name: str, overrides: dict, shapes: dict[str, tuple[int, 
     import jax
     import jax.numpy as jnp
 
-    import models
+    import asgssd_zoo as models
 
     if "num_classes" in overrides:
         return None
@@ -433,7 +433,7 @@ def _check_variables_match(model, variables, sample, name: str, overrides: dict)
 
 
 def _zoo_spec(name: str):
-    import models
+    import asgssd_zoo as models
 
     try:
         return models.spec(name)
@@ -574,7 +574,7 @@ def _checkpoint_model(ckpt: Path, args: argparse.Namespace
                       ) -> tuple[str, dict, int | None, tuple[int, ...]]:
     """Model name, overrides, num_classes and input shape a sub-network checkpoint was made
     with: from construct.json or report.json next to it, else --model/--set."""
-    import models
+    import asgssd_zoo as models
 
     overrides = _parse_overrides(args.set or [])
     meta_path = ckpt.parent / "construct.json"

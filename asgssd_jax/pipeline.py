@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import models
+import asgssd_zoo as models
 from asgssd_jax import data as data_lib
 from asgssd_jax import train as train_lib
 from asgssd_jax.cost import count_macs, count_params

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 from asgssd_jax.optim.search import SearchGraph, hierarchical_search
 
 BATCH = 64

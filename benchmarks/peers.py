@@ -57,7 +57,7 @@ import torch_models
 from optimizer_step import _Clocks, _train_step
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 
 DEFAULT_BATCH = {"resnet18": 32, "densenet121": 4}
 STEPS = 2  # train steps per timing; H2SPG's warm-up phase is longer than that

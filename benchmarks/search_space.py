@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 
 # name -> (zoo model, overrides, input shape or None for the zoo's)
 CASES = {

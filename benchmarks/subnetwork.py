@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 from asgssd_jax.trace import leaf_path
 
 

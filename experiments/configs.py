@@ -106,7 +106,7 @@ SMOKE_REGNET = dict(widths=(8, 16, 32, 64), depths=(1, 3, 7, 5), group_width=102
 def _smoke_ofa_blocks(factor: float = 0.25) -> tuple[tuple, ...]:
     """ofa-pixel1-143's 20 MBConv blocks with widths scaled by ``factor``; identity shortcuts
     (hence the 15 removal structures) stay where they are."""
-    from models.ofa import PIXEL1_143
+    from asgssd_zoo.ofa import PIXEL1_143
 
     def scale(c):
         return max(4, round(c * factor / 4) * 4)

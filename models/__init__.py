@@ -2,7 +2,7 @@
 
 Every model is a linen Module whose ``__call__(x, train: bool = False)`` takes NHWC images.
 
-    >>> import models
+    >>> import asgssd_zoo as models
     >>> net = models.create("demonet")
     >>> models.input_shape("demonet")
     (28, 28, 1)
@@ -72,9 +72,9 @@ def input_shape(name: str) -> tuple[int, int, int]:
 
 
 # Importing the families registers them.
-from models import demonet  # noqa: E402,F401
+from asgssd_zoo import demonet  # noqa: E402,F401
 
 try:  # families added over time; each registers itself on import
-    from models import _families  # noqa: F401
+    from asgssd_zoo import _families  # noqa: F401
 except ImportError:  # pragma: no cover
     pass

@@ -1,6 +1,6 @@
 """Imports every zoo family so that each registers its networks."""
 
-from models import (  # noqa: F401
+from asgssd_zoo import (  # noqa: F401
     darts,
     densenet,
     mobilenet_v2,

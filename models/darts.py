@@ -182,7 +182,7 @@ class DARTSNetwork(nn.Module):
         return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("darts_8cells", DARTSNetwork, input_shape=(32, 32, 3), num_classes=10, dataset="stl10",
          C=24, layers=8)

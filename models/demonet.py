@@ -57,6 +57,6 @@ class DemoNet(nn.Module):
         return nn.Dense(self.num_classes, name="linear2")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("demonet", DemoNet, input_shape=(28, 28, 1), num_classes=10, dataset="fashion_mnist")

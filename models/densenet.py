@@ -67,6 +67,6 @@ class DenseNet(nn.Module):
         return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("densenet121", DenseNet, input_shape=(224, 224, 3), num_classes=1000, dataset="imagenet")

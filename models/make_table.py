@@ -1,6 +1,6 @@
 """Prints the zoo's params/MACs table (models/README.md) next to the paper's baselines.
 
-    python -m models.make_table > models/table.md
+    python -m asgssd_zoo.make_table > models/table.md
 
 MACs follow the paper's convention (multiplications of conv and dense/dot ops per example),
 counted by ``asgssd_jax.count_macs`` from the traced jaxpr; params are the ``params``
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 
 # name -> (paper params M, paper MACs M, source)
 PAPER = {
@@ -55,7 +55,7 @@ def main() -> None:
             p, m, g = measure(name, shape=(240, 240, 3))
             print(f"| {name} | 240x240x3 | {p:.3f} | {m:.1f} | {g} | {rp} | {rm} | "
                   f"{_gap(p, rp)} | {_gap(m, rm)} |", flush=True)
-    from models.regnet import REGNETX
+    from asgssd_zoo.regnet import REGNETX
 
     for key, (rp, rm) in REGNET_IMAGENET.items():
         widths, depths, gw = REGNETX[key]

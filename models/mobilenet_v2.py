@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.ofa import make_divisible
+from asgssd_zoo.ofa import make_divisible
 
 # expand ratio t, width c, repeats n, first stride s
 INVERTED_RESIDUALS = (
@@ -73,7 +73,7 @@ class MobileNetV2(nn.Module):
         return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("mobilenet_v2", MobileNetV2, input_shape=(224, 224, 3), num_classes=1000,
          dataset="imagenet")

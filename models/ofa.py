@@ -123,7 +123,7 @@ class OFAMobileNetV3(nn.Module):
         return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("ofa_pixel1_143", OFAMobileNetV3, input_shape=(224, 224, 3), num_classes=1000,
          dataset="imagenet")

@@ -67,7 +67,7 @@ class RegNet(nn.Module):
         return nn.Dense(self.num_classes, name="linear")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 for _flops, (_widths, _depths, _group_width) in REGNETX.items():
     register(f"regnet_{_flops}", RegNet, input_shape=(32, 32, 3), num_classes=10,

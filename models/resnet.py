@@ -74,7 +74,7 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, name="linear")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("resnet18", ResNet, input_shape=(32, 32, 3), num_classes=10, dataset="cifar10",
          stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, cifar_stem=True)

@@ -103,6 +103,6 @@ class StackedUnets(nn.Module):
         return nn.Dense(self.num_classes, name="linear")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("stacked_unets", StackedUnets, input_shape=(32, 32, 3), num_classes=10, dataset="svhn")

@@ -79,6 +79,6 @@ class SuperResNet(nn.Module):
         return nn.Dense(self.num_classes, name="linear")(x)
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("super_resnet", SuperResNet, input_shape=(32, 32, 3), num_classes=10, dataset="cifar10")

@@ -71,6 +71,6 @@ class ViT(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
 
-from models import register  # noqa: E402
+from asgssd_zoo import register  # noqa: E402
 
 register("vit_s16", ViT, input_shape=(224, 224, 3), num_classes=1000, dataset="imagenet")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+import asgssd_zoo as models
 from asgssd_jax import cli, generate_search_space, load_exported, load_subnetwork
 from asgssd_jax.pipeline import RunConfig, run
 

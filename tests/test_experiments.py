@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import models
+import asgssd_zoo as models
 from asgssd_jax.pipeline import RunConfig
 from experiments import configs
 from experiments import run as exp_run

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 from tests.test_surgery import fast_init
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 from asgssd_jax.optim import SearchGraph, hierarchical_search, top_k_search
 from tests.archgen import init_random, random_network
 

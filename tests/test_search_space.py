@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 
 
 def _space(module, shape=(6, 6, 3), **kw):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 from asgssd_jax.trace import leaf_path
 from tests.archgen import RandomNet, random_network
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 from asgssd_jax import viz
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 
 # (params, MACs per example) at the registered input size. Params are the trainable tensors
 # (BN scale and bias count, running statistics do not); MACs are the conv and dense
@@ -107,3 +107,16 @@ def test_small_forward(name):
         assert jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(new)
         assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(old),
                                                          jax.tree_util.tree_leaves(new)))
+
+
+def test_zoo_imports_beside_a_users_own_models_module(tmp_path):
+    """The zoo installs as ``asgssd_zoo``: a project with its own ``models.py`` keeps it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "models.py").write_text("def create(name):\n    return 'mine'\n")
+    code = ("import models, asgssd_zoo as zoo\n"
+            "assert models.create('demonet') == 'mine'\n"
+            "assert zoo.create('demonet').__class__.__name__ == 'DemoNet'\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import asgssd_jax as ag
-import models
+import asgssd_zoo as models
 
 # name, overrides, expected |G_s| (MODEL_ZOO.md)
 CASES = [
