@@ -40,7 +40,7 @@ for _name in models.names():
 def measure(model_name, overrides, shape, repeats):
     model = models.create(model_name, **overrides)
     shape = shape or models.input_shape(model_name)
-    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, *shape), models.input_dtype(model_name))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     space = ag.generate_search_space(model.apply, variables, x, train=False)  # warm-up
     times = []

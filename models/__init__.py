@@ -1,6 +1,8 @@
 """The model zoo: the paper's super-networks and common general networks.
 
-Every model is a linen Module whose ``__call__(x, train: bool = False)`` takes NHWC images.
+Every model is a linen Module whose ``__call__(x, train: bool = False)`` takes NHWC images,
+except the language model ``decoder_lm``, which takes int32 token ids ``[batch, length]``
+(``input_dtype(name)`` tells which).
 
     >>> import asgssd_zoo as models
     >>> net = models.create("demonet")
@@ -23,9 +25,10 @@ class ModelSpec:
 
     name: str
     factory: Callable[..., nn.Module]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     dataset: str
+    input_dtype: str = "float32"
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -36,13 +39,15 @@ def register(
     name: str,
     factory: Callable[..., nn.Module],
     *,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     dataset: str,
+    input_dtype: str = "float32",
     **defaults: Any,
 ) -> None:
-    """Adds a network to the zoo under ``name``."""
-    _REGISTRY[name] = ModelSpec(name, factory, input_shape, num_classes, dataset, dict(defaults))
+    """Adds a network to the zoo under ``name``; ``defaults`` are constructor fields."""
+    _REGISTRY[name] = ModelSpec(name, factory, tuple(input_shape), num_classes, dataset,
+                                input_dtype, dict(defaults))
 
 
 def names() -> list[str]:
@@ -66,9 +71,15 @@ def create(name: str, **overrides: Any) -> nn.Module:
     return s.factory(**kwargs)
 
 
-def input_shape(name: str) -> tuple[int, int, int]:
-    """Per-example input shape (H, W, C) of the dataset the paper used with ``name``."""
+def input_shape(name: str) -> tuple[int, ...]:
+    """Per-example input shape of the dataset used with ``name``: (H, W, C) for images,
+    (length,) for the language model."""
     return spec(name).input_shape
+
+
+def input_dtype(name: str) -> str:
+    """dtype of ``name``'s input: ``"float32"`` for images, ``"int32"`` for token ids."""
+    return spec(name).input_dtype
 
 
 # Importing the families registers them.

@@ -3,6 +3,7 @@
 from asgssd_zoo import (  # noqa: F401
     darts,
     densenet,
+    llm,
     mobilenet_v2,
     ofa,
     regnet,

@@ -29,7 +29,7 @@ REGNET_IMAGENET = {"200m": (2.7, 200), "400m": (5.2, 400), "600m": (6.2, 600),
 
 def measure(name: str, shape=None, **overrides):
     model = models.create(name, **overrides)
-    x = jax.ShapeDtypeStruct((1, *(shape or models.input_shape(name))), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, *(shape or models.input_shape(name))), models.input_dtype(name))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     space = ag.generate_search_space(model.apply, variables, x, train=False)
     return (ag.count_params(variables) / 1e6, ag.count_macs(model.apply, variables, x) / 1e6,

@@ -29,6 +29,7 @@ EXPECTED = {
     "densenet121": (7_978_856, 2_834_161_664),
     "mobilenet_v2": (3_504_872, 300_774_272),
     "vit_s16": (22_050_664, 4_598_882_304),  # includes the attention matmuls
+    "decoder_lm": (771_200, 113_246_208),  # 128 tokens; includes the attention matmuls
 }
 
 # name -> (overrides giving a small network of the same family, input H = W). The widths are
@@ -81,7 +82,7 @@ def test_every_model_is_covered():
 @pytest.mark.parametrize("name", models.names())
 def test_params_and_macs(name):
     model = models.create(name)
-    x = jnp.zeros((1, *models.input_shape(name)))
+    x = jnp.zeros((1, *models.input_shape(name)), models.input_dtype(name))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only: no compute
     assert (ag.count_params(variables), ag.count_macs(model.apply, variables, x)) == \
         EXPECTED[name]
@@ -120,3 +121,30 @@ def test_zoo_imports_beside_a_users_own_models_module(tmp_path):
             "assert zoo.create('demonet').__class__.__name__ == 'DemoNet'\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+LM_SMALL = dict(num_classes=32, dim=16, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=24)
+
+
+def test_decoder_lm_is_causal_and_scan_computes_the_unrolled_stack():
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 32)
+    unrolled = models.create("decoder_lm", **LM_SMALL)
+    scanned = models.create("decoder_lm", scan_layers=True, **LM_SMALL)
+    v = unrolled.init(jax.random.key(0), tokens)
+    y = unrolled.apply(v, tokens)
+    assert y.shape == (2, 12, 32) and np.isfinite(y).all()
+
+    # Changing a later token leaves earlier positions' logits unchanged (causal mask).
+    changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 32)
+    y2 = unrolled.apply(v, changed)
+    np.testing.assert_allclose(y2[:, :7], y[:, :7], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y2[:, 7:], y[:, 7:])
+
+    # The same parameters stacked on a leading axis give the same logits under nn.scan.
+    p = v["params"]
+    layers = [p[f"layers_{i}"] for i in range(3)]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    sp = {k: p[k] for k in ("embed", "norm", "lm_head")} | {"layers": {"block": stacked}}
+    assert jax.tree_util.tree_structure(sp) == jax.tree_util.tree_structure(
+        jax.eval_shape(scanned.init, jax.random.key(0), tokens)["params"])
+    np.testing.assert_allclose(scanned.apply({"params": sp}, tokens), y, rtol=1e-5, atol=1e-6)
