@@ -58,11 +58,12 @@ def _run_cmd(args: argparse.Namespace) -> int:
     from asgssd_jax.pipeline import RunConfig, run
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    kwargs = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    kwargs["overrides"] = _parse_overrides(args.set or [])
-    if args.out is None:
-        kwargs["out"] = f"runs/{args.model}-{args.dataset}"
-    run(RunConfig(**kwargs), progress=sys.stderr.isatty() and not args.quiet)
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}  # only the flags given
+    kwargs["overrides"] = _parse_overrides(getattr(args, "set", None) or [])
+    cfg = RunConfig(**kwargs)
+    if "out" not in kwargs:
+        cfg.out = f"runs/{cfg.model}-{cfg.dataset}"
+    run(cfg, progress=not args.quiet, progress_seconds=args.log_every)
     return 0
 
 
@@ -82,74 +83,86 @@ def _parse_overrides(items: list[str]) -> dict:
 def _add_run_parser(sub) -> None:
     from asgssd_jax.pipeline import RunConfig
 
-    d = RunConfig()
     p = sub.add_parser(
         "run", help="search space -> H2SPG training -> sub-network (Algorithm 1)",
         description="Trains a zoo network once with H2SPG, builds the sub-network of the zero "
         "groups and writes report.json, report.md, pictures, plots, checkpoint and export into "
         "--out. The defaults finish in a few minutes on a laptop CPU on scikit-learn's digits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="zoo model (see `asgssd models`)")
-    p.add_argument("--dataset", default=d.dataset, help="digits, synthetic, or a TFDS name "
+        argument_default=argparse.SUPPRESS)
+    p.add_argument("--model", help="zoo model (see `asgssd models`)")
+    p.add_argument("--dataset", help="digits, synthetic, or a TFDS name "
                    "(fashion_mnist, cifar10, svhn_cropped, stl10, imagenet2012)")
     p.add_argument("--data-dir", dest="data_dir", help="local TFDS data directory (offline)")
     p.add_argument("--target-sparsity", dest="target_sparsity", type=float,
-                   default=d.target_sparsity,
                    help="fraction of the removal structures to remove, in [0, 1)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs in total")
-    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, default=d.warmup_epochs,
+    p.add_argument("--epochs", type=int, help="training epochs in total")
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=int,
                    help="epochs of warm-up before the hierarchical search")
     p.add_argument("--projection-epochs", dest="projection_epochs", type=int,
-                   default=d.projection_epochs,
                    help="epochs over which the redundant groups are projected onto zero")
     p.add_argument("--finetune-epochs", dest="finetune_epochs", type=int,
-                   default=d.finetune_epochs, help="optional fine-tuning of the sub-network")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size,
+                   help="epochs of fine-tuning of the sub-network (0: none)")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
                    help="global batch size (split over all devices)")
-    p.add_argument("--lr", dest="learning_rate", type=float, default=d.learning_rate,
+    p.add_argument("--lr", dest="learning_rate", type=float,
                    help="initial learning rate")
     p.add_argument("--lr-warmup-epochs", dest="lr_warmup_epochs", type=int,
-                   default=d.lr_warmup_epochs,
                    help="epochs of linear learning-rate ramp before the schedule (0: none)")
-    p.add_argument("--schedule", default=d.schedule,
+    p.add_argument("--schedule",
                    choices=["cosine", "multi_cosine", "step", "constant"],
                    help="learning-rate schedule")
-    p.add_argument("--periods", type=int, default=d.periods,
+    p.add_argument("--periods", type=int,
                    help="cosine periods for --schedule multi_cosine")
-    p.add_argument("--step-epochs", dest="step_epochs", type=int, default=d.step_epochs,
+    p.add_argument("--step-epochs", dest="step_epochs", type=int,
                    help="for --schedule step: the learning rate falls x0.1 every this many "
                    "epochs")
     p.add_argument("--search-lr", dest="search_learning_rate", type=float,
-                   default=d.search_learning_rate,
                    help="constant learning rate of the hierarchical search phase (the warm-up "
                    "epochs); the schedule then starts afresh from --lr (default: one schedule "
                    "for the whole run)")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["h2spg", "dhspg", "proxsg_plus"],
+    p.add_argument("--optimizer", choices=["h2spg", "dhspg", "proxsg_plus"],
                    help="H2SPG, or a baseline of the paper's ablation (Table 4)")
-    p.add_argument("--group-lasso", dest="group_lasso", type=float, default=d.group_lasso,
+    p.add_argument("--group-lasso", dest="group_lasso", type=float,
                    help="group-lasso coefficient pushing the redundant groups towards zero "
                    "(default: the optimizer's own; H2SPG's fades each group out over the "
                    "projection phase)")
-    p.add_argument("--base", default=d.base, choices=["sgd", "adam", "adamw"],
+    p.add_argument("--base", choices=["sgd", "adam", "adamw"],
                    help="base optimizer for the important groups")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=d.weight_decay,
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float,
                    help="weight decay")
-    p.add_argument("--mixup", type=float, default=d.mixup, help="MixUp alpha (0: off)")
+    p.add_argument("--mixup", type=float, help="MixUp alpha (0: off)")
     p.add_argument("--train-size", dest="train_size", type=int,
                    help="use only this many training examples")
     p.add_argument("--test-size", dest="test_size", type=int,
                    help="use only this many test examples")
     p.add_argument("--baseline", action="store_true",
                    help="also train the full network with the base optimizer, for comparison")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a model field, e.g. --set width=2 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/MODEL-DATASET)")
     p.add_argument("--resume", action="store_true",
-                   help="continue a killed run from its last checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="continue the run in --out (a killed one) from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (without it, a directory that holds a run is "
+                   "refused)")
+    p.add_argument("--log-every", dest="log_every", type=float, default=30.0, metavar="SECONDS",
+                   help="when the output is not a terminal, a progress line this often "
+                   "(default: 30)")
+    p.add_argument("--quiet", action="store_true", default=False,
+                   help="no progress bar or progress lines")
+    _add_defaults_to_help(p, RunConfig())
     p.set_defaults(func=_run_cmd)
+
+
+def _add_defaults_to_help(parser: argparse.ArgumentParser, defaults) -> None:
+    """`` (default: X)`` after each option's help, X from ``defaults`` (the RunConfig), where
+    the help does not say its default itself."""
+    for action in parser._actions:
+        value = getattr(defaults, action.dest, None)
+        if action.help and "default" not in action.help and value not in (None, False):
+            action.help += f" (default: {value})"
 
 
 def _report_cmd(args: argparse.Namespace) -> int:
@@ -161,7 +174,7 @@ def _report_cmd(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{path} does not exist: pass the --out directory of an "
                                 "`asgssd run`")
     report = json.loads(path.read_text())
-    files = report_lib.plot_history(report, run_dir) + [report_lib.write_markdown(report, run_dir)]
+    files = report_lib.redraw(report, run_dir)
     print(Path(files[-1]).read_text())
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
@@ -654,11 +667,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
-    sub.add_parser("models", help="list the zoo's networks").set_defaults(func=_models_cmd)
-    p = sub.add_parser("report", help="print a run's report and redraw its plots")
+    sub.add_parser(
+        "models", help="list the zoo's networks",
+        description="Lists the zoo's networks (`asgssd run --model NAME`) with the input shape "
+        "and the dataset each is built for.").set_defaults(func=_models_cmd)
+    p = sub.add_parser(
+        "report", help="print a run's report and redraw its pictures and plots",
+        description="Redraws every picture of an `asgssd run` directory (the graphs from their "
+        ".dot files, with Graphviz's dot when installed, else matplotlib; the plots from "
+        "report.json), rewrites report.md and prints it.")
     p.add_argument("run_dir", help="the --out directory of an `asgssd run`")
     p.set_defaults(func=_report_cmd)
-    p = sub.add_parser("space", help="print and draw the search space of a zoo model")
+    p = sub.add_parser(
+        "space", help="print and draw the search space of a zoo model",
+        description="Generates the search space of a zoo model at random initialisation "
+        "(trace graph -> segment graph -> removal structures, Algorithm 2), prints its groups "
+        "with their params, MACs and operators, and draws the trace graph and the segment graph "
+        "into --out with search_space.json.")
     p.add_argument("--model", default="demonet", help="zoo model name (default: demonet)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the traced sample")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed")

@@ -46,6 +46,7 @@ __all__ = [
     "ArraySplit",
     "Augment",
     "Dataset",
+    "BUILTIN",
     "DatasetUnavailableError",
     "RecordSplit",
     "Split",
@@ -55,6 +56,8 @@ __all__ = [
     "resize",
 ]
 
+#: The datasets that are made here, with no download and no ``data_dir``.
+BUILTIN = ("digits", "synthetic")
 # The paper's datasets, plus the two that need no download.
 DATASETS = ("digits", "synthetic", "fashion_mnist", "cifar10", "svhn_cropped", "stl10",
             "imagenet2012")

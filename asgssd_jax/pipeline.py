@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +63,8 @@ class RunConfig:
     test_size: int | None = None
     baseline: bool = False  # also train the full network with the base optimizer alone
     out: str = "runs/demonet-digits"
-    resume: bool = False
+    resume: bool = False  # continue the run in ``out`` from its last checkpoint
+    overwrite: bool = False  # replace the run in ``out``
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # model fields
 
     def validate(self) -> None:
@@ -87,6 +90,28 @@ class RunConfig:
             raise ValueError(f"--search-lr must be positive, got {self.search_learning_rate}")
         if not self.learning_rate > 0:
             raise ValueError(f"--lr must be positive, got {self.learning_rate}")
+        self._check_flags_apply()
+
+    def _check_flags_apply(self) -> None:
+        """A setting that would be silently ignored is an error."""
+        d = RunConfig()
+        if self.data_dir is not None and self.dataset in data_lib.BUILTIN:
+            raise ValueError(
+                f"--data-dir is for tensorflow-datasets data; the {self.dataset!r} dataset is "
+                "built in and reads none: leave out --data-dir, or pass --dataset NAME "
+                "(fashion_mnist, cifar10, svhn_cropped, stl10, imagenet2012)")
+        if self.periods != d.periods and self.schedule != "multi_cosine":
+            raise ValueError(f"--periods applies to --schedule multi_cosine only (this run's "
+                             f"schedule is {self.schedule})")
+        if self.step_epochs != d.step_epochs and self.schedule != "step":
+            raise ValueError(f"--step-epochs applies to --schedule step only (this run's "
+                             f"schedule is {self.schedule})")
+        if self.momentum != d.momentum and self.base != "sgd":
+            raise ValueError(f"--momentum applies to --base sgd only (this run's base optimizer "
+                             f"is {self.base})")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
+                             "pass one of them")
 
 
 _OPTIMIZERS = {"h2spg": h2spg, "dhspg": dhspg, "proxsg_plus": proxsg_plus}
@@ -138,11 +163,17 @@ def _versions() -> dict[str, str]:
 
 
 class _Progress:
-    """A rich progress bar when rich is installed and the output is a terminal."""
+    """A rich progress bar when the output is a terminal; otherwise (a log file) a line through
+    ``log`` every ``every_seconds`` (and after the first step, which includes compilation)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, log: Callable[[str], None], every_seconds: float):
         self.bar = None
-        if enabled:
+        self.log = log if enabled else None
+        self.every_seconds = every_seconds
+        self.last = None
+        self.done: dict[Any, int] = {}
+        self.totals: dict[Any, tuple[str, int]] = {}
+        if enabled and sys.stderr.isatty():
             try:
                 from rich.progress import (
                     BarColumn,
@@ -169,27 +200,43 @@ class _Progress:
 
     def task(self, description: str, total: int):
         if self.bar is None:
-            return None
+            key = len(self.totals)
+            self.totals[key], self.done[key] = (description, total), 0
+            return key
         return self.bar.add_task(description, total=total, info="")
 
     def update(self, task, advance: int = 1, **fields):
-        if self.bar is not None and task is not None:
+        if self.bar is not None:
             self.bar.update(task, advance=advance, **fields)
+            return
+        if self.log is None:
+            return
+        self.done[task] += advance
+        now = time.perf_counter()
+        if self.last is None or now - self.last >= self.every_seconds:
+            self.last = now
+            description, total = self.totals[task]
+            self.log(f"{description} step {self.done[task]}/{total}"
+                     + (f": {fields['info']}" if fields.get("info") else ""))
 
 
-def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = True
-        ) -> dict[str, Any]:
-    """Runs Algorithm 1 and writes the run directory; returns the report (as report.json)."""
+def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = True,
+        progress_seconds: float = 30.0) -> dict[str, Any]:
+    """Runs Algorithm 1 and writes the run directory; returns the report (as report.json).
+
+    With ``progress``, a progress bar on a terminal, or else (output to a file) a line through
+    ``log`` every ``progress_seconds`` within each epoch. A directory that holds another run is
+    refused unless ``cfg.resume`` (continue it) or ``cfg.overwrite`` (replace it)."""
     from asgssd_jax import report as report_lib
     from asgssd_jax.export import export_subnetwork, save_subnetwork
     from asgssd_jax.surgery import construct_subnetwork, relative_difference
 
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     spec = models.spec(cfg.model)
     ds = data_lib.load(cfg.dataset, data_dir=cfg.data_dir, input_shape=spec.input_shape,
                        train_size=cfg.train_size, test_size=cfg.test_size)
+    _prepare_run_dir(cfg, out)
     model = models.create(cfg.model, num_classes=ds.num_classes, **cfg.overrides)
     # What the run trains, written first so that a killed run can be rebuilt (asgssd construct).
     (out / "config.json").write_text(json.dumps(
@@ -222,7 +269,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     sparsity_curve: list[dict[str, float]] = []
     last = {}  # the H2SPG state of the last step, left on the device until the end
 
-    with _Progress(progress) as bar:
+    with _Progress(progress, log, progress_seconds) as bar:
         task = bar.task("H2SPG", total)
 
         def on_step(step, metrics, state):
@@ -301,8 +348,9 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
                       "eval_accuracy": sub_eval["accuracy"],
                       "relative_difference_to_zeroed_full": exact_err,
                       "construction_seconds": construct_seconds,
-                      "checkpoint": str(ckpt),
-                      "export": None if export_error else str(out / "subnetwork.jax_export")}
+                      # paths relative to the run directory, which may move
+                      "checkpoint": ckpt.name,
+                      "export": None if export_error else "subnetwork.jax_export"}
 
     report = {
         "model": cfg.model,
@@ -321,6 +369,8 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         "zero_groups": zero,
         "redundant_groups": [int(i) for i in np.flatnonzero(redundant)],
         "search_cost_seconds": _search_cost(space, saliency, k),
+        "phases": {"steps_per_epoch": spe, "warmup_steps": cfg.warmup_epochs * spe,
+                   "projection_steps": cfg.projection_epochs * spe, "total_steps": total},
         "train_seconds": train_seconds,
         "history": {"steps": history.steps, "epochs": history.epochs,
                     "sparsity": sparsity_curve},
@@ -333,6 +383,34 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     report_lib.write_all(report, space, sub, out, sample)
     log(f"wrote {out}/report.md, report.json, pictures and plots")
     return report
+
+
+#: What a run leaves in its directory (removed by ``overwrite``; nothing else is touched).
+_RUN_FILES = ["config.json", "report.json", "report.md", "checkpoints", "subnetwork_checkpoint",
+              "subnetwork.jax_export", "construct", "export", "trace_graph.*",
+              "segment_graph.*", "redundant_structures.*", "subnetwork.*", "loss_accuracy.png",
+              "group_sparsity.png"]
+
+
+def _prepare_run_dir(cfg: RunConfig, out: Path) -> None:
+    """Creates ``out``; refuses one that holds another run unless resuming or overwriting it."""
+    previous = sorted({p for pattern in _RUN_FILES for p in out.glob(pattern)})
+    if previous and not (cfg.resume or cfg.overwrite):
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(p.name for p in previous[:3])}"
+            f"{', ...' if len(previous) > 3 else ''}): pass --resume to continue it, --overwrite "
+            "to replace it, or another --out")
+    if cfg.resume and (out / "config.json").exists():
+        before = json.loads((out / "config.json").read_text())
+        for name in ("model", "dataset", "overrides"):
+            now = getattr(cfg, name)
+            if before.get(name, now) != now:
+                raise ValueError(f"--resume: the run in {out} has {name} {before[name]!r}, not "
+                                 f"{now!r}: pass the same settings, or --overwrite to replace it")
+    if cfg.overwrite:
+        for p in previous:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _search_cost(space, saliency: np.ndarray, k: int) -> float:

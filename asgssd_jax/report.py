@@ -8,11 +8,18 @@ from typing import Any
 from asgssd_jax import viz
 from asgssd_jax.trace import trace
 
-__all__ = ["draw_subnetwork", "plot_history", "write_all", "write_markdown"]
+__all__ = ["PICTURES", "draw_subnetwork", "plot_history", "redraw", "write_all",
+           "write_markdown"]
+
+#: The run directory's pictures, in report.md's order: file name and caption.
+PICTURES = [("trace_graph.svg", "trace graph"), ("segment_graph.svg", "segment graph"),
+            ("redundant_structures.svg", "redundant structures"),
+            ("subnetwork.svg", "sub-network"), ("loss_accuracy.png", "loss and accuracy"),
+            ("group_sparsity.png", "group sparsity")]
 
 
 def write_all(report: dict[str, Any], space, sub, out: Path, sample) -> list[Path]:
-    """Pictures (SVG), plots (PNG) and report.md for a finished run."""
+    """Pictures (SVG, with their DOT sources), plots (PNG) and report.md for a finished run."""
     name = report["model"]
     zero = report["zero_groups"]
     files = [
@@ -37,16 +44,27 @@ def draw_subnetwork(sub, sample, name: str, path: Path) -> Path:
                                          title=f"{name}: sub-network"), path)
 
 
+def redraw(report: dict[str, Any], out: Path) -> list[Path]:
+    """Every picture of a run directory again, from the DOT files beside them (with Graphviz's
+    ``dot`` when installed, else matplotlib), the plots from ``report``, then report.md."""
+    files = [viz.render(dot) for dot in sorted(out.glob("*.dot"))]
+    files = [f for f in files if f is not None]
+    return files + plot_history(report, out) + [write_markdown(report, out)]
+
+
 def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
-    """loss_accuracy.png and group_sparsity.png (needs matplotlib; skipped without it)."""
+    """loss_accuracy.png and group_sparsity.png, with H2SPG's phases shaded: warm-up, the
+    hierarchical search at its end, projection (needs matplotlib; skipped without it)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:  # pragma: no cover
         return []
     hist = report["history"]
+    phases = _phases(report)
     files = []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [r["step"] for r in hist["steps"]]
@@ -55,6 +73,7 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
     ax1.set_ylabel("training loss")
     ax1.set_yscale("log")
     ax1.grid(alpha=0.3)
+    _mark_phases(ax1, phases, 1)
     epochs = [r["epoch"] for r in hist["epochs"]]
     ax2.plot(epochs, [r.get("eval_accuracy", float("nan")) for r in hist["epochs"]], "o-",
              label=f"{report['config'].get('optimizer', 'h2spg')} (full network)")
@@ -66,6 +85,8 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
                     label="sub-network")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("test accuracy")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _mark_phases(ax2, phases, phases["steps_per_epoch"], labels=True)
     files.append(_save_figure(plt, fig, ax2, out / "loss_accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -77,9 +98,36 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
     ax.axhline(report["search_space"]["K"], color="grey", ls=":", label="K")
     ax.set_xlabel("step")
     ax.set_ylabel("groups")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-0.3, report["search_space"]["K"] + 0.5)
+    _mark_phases(ax, phases, 1, labels=True)
     ax.set_title(f"group sparsity ({report['search_space']['num_groups']} removal structures)")
     files.append(_save_figure(plt, fig, ax, out / "group_sparsity.png"))
     return files
+
+
+def _phases(report: dict[str, Any]) -> dict[str, int]:
+    """Steps per epoch and H2SPG's warm-up and projection steps of a run (from its config
+    for runs written before report.json recorded them)."""
+    if report.get("phases"):
+        return report["phases"]
+    cfg, hist = report["config"], report["history"]
+    spe = max(len(hist["steps"]) // max(len(hist["epochs"]), 1), 1)
+    return {"steps_per_epoch": spe, "warmup_steps": cfg["warmup_epochs"] * spe,
+            "projection_steps": cfg["projection_epochs"] * spe,
+            "total_steps": cfg["epochs"] * spe}
+
+
+def _mark_phases(ax, phases: dict[str, int], per_unit: int, labels: bool = False) -> None:
+    """Warm-up and projection shaded, the hierarchical search a line between them; the x axis
+    counts ``per_unit`` steps a unit (1: steps; steps per epoch: epochs, which end at 1, 2...)."""
+    w = phases["warmup_steps"] / per_unit
+    p = (phases["warmup_steps"] + phases["projection_steps"]) / per_unit
+    ax.axvspan(0, w, color="tab:blue", alpha=0.08, lw=0,
+               label="warm-up" if labels else None)
+    ax.axvline(w, color="tab:red", lw=0.9, label="hierarchical search" if labels else None)
+    ax.axvspan(w, p, color="tab:orange", alpha=0.12, lw=0,
+               label="projection" if labels else None)
 
 
 def _save_figure(plt, fig, ax, path: Path) -> Path:
@@ -94,6 +142,22 @@ def _save_figure(plt, fig, ax, path: Path) -> Path:
 
 def _m(x: float) -> str:
     return f"{x / 1e6:.3f}M"
+
+
+def _picture_lines(out: Path) -> list[str]:
+    """Links to the pictures that exist (never to a missing file), and what to do about the
+    missing ones."""
+    present = [(f, c) for f, c in PICTURES if (out / f).exists()]
+    lines = [" ".join(f"![{c}]({f})" for f, c in present[k:k + 2])
+             for k in range(0, len(present), 2)]
+    missing = [f for f, _ in PICTURES if not (out / f).exists()
+               and (f.endswith(".png") or (out / f).with_suffix(".dot").exists())]
+    if missing:
+        lines.append(f"Not drawn: {', '.join(missing)} (the graphs' .dot sources are here). "
+                     "Pictures "
+                     "need matplotlib (`pip install matplotlib`) or Graphviz's `dot`; then "
+                     "`asgssd report` on this directory draws them.")
+    return [line for text in lines for line in (text, "")]
 
 
 def write_markdown(report: dict[str, Any], out: Path) -> Path:
@@ -139,11 +203,7 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         + (f"`{Path(sub['export']).name}`" if sub["export"]
            else f"failed ({report.get('export_error')})"),
         "",
-        "![trace graph](trace_graph.svg) ![segment graph](segment_graph.svg)",
-        "![redundant structures](redundant_structures.svg) ![sub-network](subnetwork.svg)",
-        "",
-        "![loss and accuracy](loss_accuracy.png) ![group sparsity](group_sparsity.png)",
-        "",
+        *_picture_lines(out),
         "| group | params | MACs | removed |",
         "|---|---|---|---|",
     ]

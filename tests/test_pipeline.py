@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import shutil
+import sys
 
 import pytest
 
 from asgssd_jax import cli
+from asgssd_jax import report as report_lib
 from asgssd_jax.pipeline import RunConfig, run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def logged_run(tmp_path_factory):
+    """A run on a machine without Graphviz, its output going to a file (not a terminal)."""
     out = tmp_path_factory.mktemp("run")
     cfg = RunConfig(model="demonet", dataset="synthetic", train_size=96, test_size=64,
                     epochs=2, warmup_epochs=1, projection_epochs=1, batch_size=32,
                     target_sparsity=0.5, finetune_epochs=1, out=str(out))
-    run(cfg, log=lambda s: None, progress=False)
-    return out
+    logged: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", "")
+        mp.setattr(shutil, "which", lambda *a, **k: None)
+        mp.setattr(sys, "stderr", io.StringIO())
+        run(cfg, log=logged.append, progress=True, progress_seconds=0.0)
+    return out, logged
+
+
+@pytest.fixture(scope="module")
+def run_dir(logged_run):
+    return logged_run[0]
 
 
 def test_run_leaves_report_pictures_plots_checkpoint_and_export(run_dir):
@@ -33,14 +49,98 @@ def test_run_leaves_report_pictures_plots_checkpoint_and_export(run_dir):
     assert report["subnetwork"]["macs"] < report["full"]["macs"]
     assert report["subnetwork"]["relative_difference_to_zeroed_full"] <= 1e-5
     assert report["finetune"] is not None
-    assert "g" in (run_dir / "report.md").read_text()
+    # paths in report.json are relative to the run directory
+    assert report["subnetwork"]["checkpoint"] == "subnetwork_checkpoint"
+    assert report["subnetwork"]["export"] == "subnetwork.jax_export"
+    md = (run_dir / "report.md").read_text()
+    zero = ", ".join(f"g{i}" for i in report["zero_groups"])
+    assert f"zero groups after H2SPG: {zero}." in md
+    assert f"| sub-network | {report['subnetwork']['params'] / 1e6:.3f}M |" in md
 
 
-def test_cli_report_redraws_from_the_json(run_dir, capsys):
+def _links(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_pictures_without_graphviz_and_every_report_link_resolves(run_dir):
+    links = _links((run_dir / "report.md").read_text())
+    assert sorted(links) == sorted(f for f, _ in report_lib.PICTURES)
+    for link in links:
+        assert (run_dir / link).stat().st_size > 0, link
+    assert "<svg" in (run_dir / "subnetwork.svg").read_text()
+
+
+def test_the_report_links_no_missing_picture(run_dir, tmp_path):
+    report = json.loads((run_dir / "report.json").read_text())
+    for f in ("report.json", "trace_graph.dot"):
+        shutil.copy(run_dir / f, tmp_path / f)
+    md = report_lib.write_markdown(report, tmp_path).read_text()
+    assert _links(md) == []
+    assert "Not drawn: trace_graph.svg, loss_accuracy.png, group_sparsity.png" in md
+
+
+def test_progress_lines_within_an_epoch_when_output_is_not_a_terminal(logged_run):
+    _, logged = logged_run
+    first_epoch = next(i for i, line in enumerate(logged) if line.startswith("epoch 1/2"))
+    steps = [line for line in logged[:first_epoch] if line.startswith("H2SPG step ")]
+    assert [line.split(":")[0] for line in steps] == ["H2SPG step 1/6", "H2SPG step 2/6",
+                                                      "H2SPG step 3/6"]
+    assert "loss" in steps[0] and "zero groups 0/2" in steps[0]
+
+
+def test_cli_report_redraws_every_picture(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    for f, _ in report_lib.PICTURES:
+        (run_dir / f).unlink()
     (run_dir / "report.md").unlink()
     assert cli.main(["report", str(run_dir)]) == 0
     assert "demonet on synthetic" in capsys.readouterr().out
     assert (run_dir / "report.md").exists()
+    for f, _ in report_lib.PICTURES:
+        assert (run_dir / f).exists(), f
+
+
+def test_a_second_run_into_the_same_directory_is_refused(run_dir, capsys):
+    before = (run_dir / "report.json").read_text()
+    assert cli.main(["run", "--dataset", "synthetic", "--train-size", "64", "--out",
+                     str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (run_dir / "report.json").read_text() == before
+
+
+def test_overwrite_removes_only_the_previous_runs_files(tmp_path):
+    from asgssd_jax.pipeline import _prepare_run_dir
+
+    (tmp_path / "checkpoints" / "h2spg").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model": "demonet"}))
+    for f in ("report.json", "trace_graph.dot", "trace_graph.svg", "notes.txt"):
+        (tmp_path / f).write_text("x")
+    with pytest.raises(ValueError, match="--resume: the run in .* has model 'demonet'"):
+        _prepare_run_dir(RunConfig(model="resnet18", resume=True), tmp_path)
+    _prepare_run_dir(RunConfig(overwrite=True), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_flags_that_do_not_apply_are_errors(capsys):
+    for argv, words in [
+        (["--data-dir", "/nonexistent"], "--data-dir is for tensorflow-datasets data"),
+        (["--periods", "3"], "--periods applies to --schedule multi_cosine only"),
+        (["--step-epochs", "5"], "--step-epochs applies to --schedule step only"),
+        (["--base", "adam", "--momentum", "0.5"], "--momentum applies to --base sgd only"),
+        (["--resume", "--overwrite"], "pass one of them"),
+    ]:
+        assert cli.main(["run", *argv]) == 2, argv
+        assert words in capsys.readouterr().err
+
+
+def test_run_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert text.count("(default: runs/MODEL-DATASET)") == 1
+    assert "(default: 0.5)" in text and "(default: demonet)" in text
 
 
 def test_cli_user_errors_have_no_traceback(capsys):
