@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -226,7 +227,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
         print(f"restored the H2SPG-trained variables of {name} from {run_dir}/checkpoints/h2spg "
               f"(step {step})")
         out = Path(args.out) if args.out else run_dir / "construct"
-        source = {"run_dir": str(run_dir.absolute()), "checkpoint_step": step}
+        source = {"run_dir": run_dir, "checkpoint_step": step}
     else:
         if args.model is None or args.zero_groups is None:
             raise ValueError("pass RUN_DIR (the --out directory of an `asgssd run`), or "
@@ -282,7 +283,10 @@ def _construct_cmd(args: argparse.Namespace) -> int:
         return 1
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, force=True)
+    if "run_dir" in source:  # paths in construct.json are relative to its directory
+        source["run_dir"] = os.path.relpath(source["run_dir"], out)
+    ckpt = out / "subnetwork_checkpoint"
+    save_subnetwork(ckpt, sub, force=True)
     picture = report_lib.draw_subnetwork(sub, sample, name, out / "subnetwork.svg")
     full_params, sub_params = count_params(variables), count_params(sub.variables)
     full_macs = count_macs(model.apply, variables, sample, train=False)
@@ -293,7 +297,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
             "full": {"params": full_params, "macs": full_macs},
             "subnetwork": {"params": sub_params, "macs": sub_macs},
             "relative_difference_to_zeroed_full": diff, "construction_seconds": seconds,
-            "checkpoint": str(ckpt)}
+            "checkpoint": ckpt.name}
     (out / "construct.json").write_text(json.dumps(meta, indent=2))
 
     print()
@@ -532,9 +536,9 @@ def _export_cmd(args: argparse.Namespace) -> int:
     platforms = [p for p in (args.platforms or "").split(",") if p] or None
     if args.out:
         path = Path(args.out)
-    else:
-        path = ckpt.parent / "export" / ("subnetwork.jax_export" if args.batch is None else
-                                         f"subnetwork_batch{args.batch}.jax_export")
+    else:  # beside the checkpoint, where `asgssd run` writes its own export: no second copy
+        path = ckpt.parent / ("subnetwork.jax_export" if args.batch is None else
+                              f"subnetwork_batch{args.batch}.jax_export")
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = "symbolic batch dimension" if args.batch is None else f"fixed batch {args.batch}"
     print(f"exporting with jax.export ({batch}"
@@ -648,8 +652,9 @@ def _add_export_parser(sub) -> None:
         "StableHLO as .mlir, and checks the reloaded artifact against the sub-network.")
     p.add_argument("path", help="an `asgssd run` directory, an `asgssd construct` --out "
                    "directory, or a sub-network checkpoint directory")
-    p.add_argument("--out", help="artifact file (default: CHECKPOINT/../export/"
-                   "subnetwork.jax_export); the .mlir goes next to it")
+    p.add_argument("--out", help="artifact file (default: subnetwork.jax_export, or "
+                   "subnetwork_batchN.jax_export with --batch N, beside the checkpoint); the "
+                   ".mlir goes next to it")
     p.add_argument("--batch", type=int, help="fixed batch size instead of a symbolic one")
     p.add_argument("--platforms", help="comma-separated lowering platforms, e.g. cpu,cuda "
                    "(default: this machine's)")

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import logging
 import math
 import os
 import struct
@@ -449,11 +450,17 @@ def _import_tfds(name):
 
 def _prepared_builder(tfds, name, data_dir):
     root = os.fspath(data_dir) if data_dir is not None else None
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    # TFDS warns about a missing dataset_info.json before our message says what to do
+    absl_logger.setLevel(logging.ERROR)
     try:
         builder = tfds.builder(name, data_dir=root)
         prepared = builder.is_prepared()
     except Exception as e:  # unknown names and unreadable directories alike
         raise DatasetUnavailableError(_how_to_provide(name, root, found=None)) from e
+    finally:
+        absl_logger.setLevel(level)
     if not prepared:
         raise DatasetUnavailableError(_how_to_provide(name, root, found=_versions(name, root)))
     return builder
@@ -489,7 +496,8 @@ def _versions(name, data_dir):
     path = os.path.join(root, base)
     if not os.path.isdir(path):
         return []
-    return sorted(v for v in os.listdir(path) if v[:1].isdigit())
+    return sorted(v for v in os.listdir(path) if v[:1].isdigit()
+                  and os.path.exists(os.path.join(path, v, "dataset_info.json")))
 
 
 def _supervised_keys(info, name):

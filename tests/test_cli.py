@@ -57,7 +57,10 @@ def test_construct_from_a_run_rebuilds_the_runs_subnetwork(run_dir, tmp_path, ca
     assert meta["subnetwork"]["macs"] == report["subnetwork"]["macs"]
     assert meta["full"]["params"] == report["full"]["params"]
     assert meta["relative_difference_to_zeroed_full"] <= 1e-5
-    assert (out / "subnetwork.svg").exists() or (out / "subnetwork.dot").exists()
+    assert (out / "subnetwork.svg").exists() and (out / "subnetwork.dot").exists()
+    # paths in construct.json are relative to its directory
+    assert meta["checkpoint"] == "subnetwork_checkpoint"
+    assert (out / meta["run_dir"]).resolve() == run_dir.resolve()
     # the same variables as the sub-network the run saved itself (no fine-tuning)
     apply_fn = models.create("demonet", num_classes=10).apply
     mine = load_subnetwork(out / "subnetwork_checkpoint", apply_fn)
@@ -164,13 +167,30 @@ def test_export_a_run_with_a_symbolic_batch(run_dir, tmp_path, capsys):
 def test_export_a_construct_dir_with_a_fixed_batch(model_dir, capsys):
     assert cli.main(["export", str(model_dir), "--batch", "3"]) == 0
     capsys.readouterr()
-    path = model_dir / "export" / "subnetwork_batch3.jax_export"
+    path = model_dir / "subnetwork_batch3.jax_export"
     assert path.exists() and path.with_suffix(".mlir").exists()
     exported = load_exported(path)
     assert exported.exported.in_avals[-1].shape == (3, *models.input_shape("demonet"))
     sub = load_subnetwork(model_dir / "subnetwork_checkpoint", models.create("demonet").apply)
     x = jax.random.normal(jax.random.key(0), (3, *models.input_shape("demonet")))
     _outputs_close(_apply(sub.apply, sub.variables, x), exported(x))
+
+
+def test_export_of_a_run_replaces_its_artifact_instead_of_copying_it(run_dir, capsys):
+    assert cli.main(["export", str(run_dir)]) == 0
+    assert f"wrote {run_dir / 'subnetwork.jax_export'}" in capsys.readouterr().out
+    assert list(run_dir.rglob("*.jax_export")) == [run_dir / "subnetwork.jax_export"]
+    assert (run_dir / "subnetwork.mlir").exists()
+
+
+@pytest.mark.parametrize("command", ["space", "report", "models", "construct", "export"])
+def test_every_command_has_a_description(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    usage, _, rest = capsys.readouterr().out.partition("\n\n")
+    description = rest.split("\n\n")[0]
+    assert len(description.split()) >= 10 and not description.lstrip().startswith(
+        ("positional", "options")), description
 
 
 def test_export_user_errors(tmp_path, capsys):

@@ -266,14 +266,19 @@ def test_tfds_variable_size_images_decode_per_batch(tfds_tiny, tmp_path):
     assert len(data.load("tiny_varsize", data_dir=tmp_path, train_size=7).train) == 7
 
 
-def test_unavailable_dataset_says_how_to_provide_it(tfds_tiny, tmp_path):
+def test_unavailable_dataset_says_how_to_provide_it(tfds_tiny, tmp_path, caplog):
     (tmp_path / "cifar10" / "9.9.9").mkdir(parents=True)
+    (tmp_path / "cifar10" / "9.9.9" / "dataset_info.json").write_text("{}")
+    (tmp_path / "cifar10" / "8.8.8").mkdir()  # an empty folder is no prepared version
     with pytest.raises(data.DatasetUnavailableError) as error:
         data.load("cifar10", data_dir=tmp_path)
     message = str(error.value)
     for words in ("'cifar10' is not prepared in", str(tmp_path), "download_and_prepare",
-                  "DATA_DIR/cifar10", "--data-dir", "version(s) 9.9.9", "cifar10:9.9.9"):
+                  "DATA_DIR/cifar10", "--data-dir", "version(s) 9.9.9:", "cifar10:9.9.9"):
         assert words in message, (words, message)
+    assert "8.8.8" not in message
+    # the message alone: no TFDS warning about the folders before it
+    assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]
     with pytest.raises(data.DatasetUnavailableError, match="manual download"):
         data.load("imagenet", data_dir=tmp_path)
     with pytest.raises(data.DatasetUnavailableError, match="'svhn_cropped' is not prepared"):
