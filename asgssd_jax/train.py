@@ -1,6 +1,7 @@
 """A reference training loop: jit, data-parallel over every device, orbax checkpoints.
 
-``fit`` trains any linen classifier (``apply(variables, x, train=...)``; BatchNorm statistics in
+``fit`` trains any linen classifier (``apply(variables, x)``, called with ``train=True`` or
+``False`` when the model's ``__call__`` takes ``train``; BatchNorm statistics in
 ``batch_stats``) with any optax transformation, H2SPG included. Batches are sharded over a 1-D
 ``Mesh`` of all devices (of all processes after ``jax.distributed.initialize``) along the batch
 axis, parameters are replicated; XLA then computes BatchNorm statistics and gradients over the
@@ -11,6 +12,7 @@ global batches.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +32,7 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "fit",
+    "mode_kwargs",
     "make_mesh",
     "make_train_step",
     "multi_cosine_schedule",
@@ -90,6 +93,23 @@ def make_mesh(devices: Iterable[Any] | None = None) -> Mesh:
     return Mesh(np.array(devices), ("data",))
 
 
+def mode_kwargs(apply_fn: Callable[..., Any], train: bool) -> dict[str, bool]:
+    """``{"train": train}`` when ``apply_fn`` (or the linen module whose ``apply`` it is) takes
+    a ``train`` argument, else ``{}``: models without dropout or BatchNorm need none."""
+    target = apply_fn
+    module = getattr(apply_fn, "__self__", None)
+    if module is not None and callable(getattr(type(module), "__call__", None)) \
+            and getattr(apply_fn, "__name__", "") == "apply":
+        target = module.__call__  # linen: apply forwards its keywords to __call__
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read: assume the linen convention
+        return {"train": train}
+    if "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {"train": train}
+    return {}
+
+
 def _split(variables: Any) -> tuple[Any, Any]:
     return variables["params"], variables.get("batch_stats", {})
 
@@ -99,16 +119,17 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
     """A jitted ``step(state, x, y) -> (state, metrics)`` sharded over ``mesh``'s batch axis."""
     replicated = NamedSharding(mesh, P())
     batch = NamedSharding(mesh, P("data"))
+    mode = mode_kwargs(apply_fn, True)
 
     def step(state: TrainState, x, y):
         def loss(params):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
-                logits, new = apply_fn(variables, x, train=True, mutable=["batch_stats"])
+                logits, new = apply_fn(variables, x, mutable=["batch_stats"], **mode)
                 stats = new["batch_stats"]
             else:
-                logits, stats = apply_fn(variables, x, train=True), state.batch_stats
+                logits, stats = apply_fn(variables, x, **mode), state.batch_stats
             return loss_fn(logits, y), (logits, stats)
 
         (value, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
@@ -137,10 +158,11 @@ def evaluate(apply_fn: Callable[..., Any], variables: Any,
     """Accuracy and loss in inference mode over ``batches`` (any batch sizes)."""
     mesh = mesh or make_mesh()
     n_dev = mesh.devices.size
+    mode = mode_kwargs(apply_fn, False)
 
     @jax.jit
     def logits_fn(v, x):
-        return apply_fn(v, x, train=False)
+        return apply_fn(v, x, **mode)
 
     correct = total = 0
     loss_sum = 0.0
@@ -189,6 +211,11 @@ def fit(
     ``resume=True`` continues from the latest checkpoint to the same final parameters.
     """
     mesh = mesh or make_mesh()
+    if not isinstance(variables, dict) or "params" not in variables:
+        raise ValueError(
+            "train.fit expects linen-style variables {'params': ..., 'batch_stats': ...} (got "
+            f"{type(variables).__name__} without 'params'); for a plain parameter tree pass "
+            "{'params': tree} and apply_fn=lambda v, x: f(v['params'], x)")
     params, stats = _split(variables)
     state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params))
     # a copy: the jitted step donates its state, and the caller keeps ``variables``

@@ -37,6 +37,28 @@ def test_fit_learns_and_evaluates():
     assert set(out) == {"params", "batch_stats"}
 
 
+def test_fit_a_model_without_a_train_argument():
+    """A model with neither dropout nor BatchNorm takes no ``train``: fit calls it without."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x.mean((1, 2)))
+
+    model = Linear()
+    variables = model.init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))
+    assert train.mode_kwargs(model.apply, True) == {}
+    assert train.mode_kwargs(make_model()[0].apply, True) == {"train": True}
+    out, hist = train.fit(model.apply, variables, optax.sgd(0.1), batches_fn, epochs=2,
+                          steps_per_epoch=4, eval_batches=lambda: batches_fn(99))
+    assert hist.steps[-1]["loss"] < hist.steps[0]["loss"] and set(out) == {"params"}
+    with pytest.raises(ValueError, match="linen-style variables"):
+        train.fit(lambda p, x: x, variables["params"]["Dense_0"], optax.sgd(0.1), batches_fn,
+                  epochs=1, steps_per_epoch=1)
+
+
 def test_resume_after_a_kill_reaches_the_same_parameters(tmp_path):
     full, _ = _fit()
 
@@ -69,7 +91,9 @@ def _load(path):
 
 
 def _assert_close(a, b):
-    for x, y in zip(_load(a), _load(b)):
+    xs, ys = _load(a), _load(b)
+    assert len(xs) == len(ys) > 0
+    for x, y in zip(xs, ys):
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
 
 
