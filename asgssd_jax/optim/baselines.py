@@ -34,6 +34,8 @@ def dhspg(
     group_lasso: optax.ScalarOrSchedule | None = None,
     lasso_amplify: float = 1.1,
     lasso_max_factor: float = 10.0,
+    fade_out: bool = False,
+    nonfinite: str = "skip",
     saliency: SaliencyFn | str | None = None,
     saliency_decay: float = 0.9,
 ) -> optax.GradientTransformation:
@@ -51,9 +53,9 @@ def dhspg(
         space, learning_rate, target_group_sparsity, warmup_steps=warmup_steps,
         projection_steps=projection_steps, base=base, momentum=momentum,
         weight_decay=weight_decay, epsilon=epsilon, group_lasso=group_lasso,
-        lasso_amplify=lasso_amplify, lasso_max_factor=lasso_max_factor, saliency=saliency,
-        saliency_decay=saliency_decay, search="top_k", redundant_step="half_space",
-        name="dhspg")
+        lasso_amplify=lasso_amplify, lasso_max_factor=lasso_max_factor, fade_out=fade_out,
+        nonfinite=nonfinite, saliency=saliency, saliency_decay=saliency_decay, search="top_k",
+        redundant_step="half_space", name="dhspg")
 
 
 def proxsg_plus(
@@ -67,6 +69,8 @@ def proxsg_plus(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     group_lasso: optax.ScalarOrSchedule | None = 1e-3,
+    fade_out: bool = False,
+    nonfinite: str = "skip",
     saliency: SaliencyFn | str | None = None,
     saliency_decay: float = 0.9,
 ) -> optax.GradientTransformation:
@@ -74,8 +78,9 @@ def proxsg_plus(
 
     Each redundant group takes :math:`y_g = x_g + u_g` (``u`` the base update) followed by the
     group soft-threshold :math:`y_g \max(0, 1 - \mu/\|y_g\|)`, :math:`\mu` = learning rate
-    :math:`\times` ``group_lasso`` (None: :math:`\|y_g\|/r`, r the projection steps left);
-    the last projection step zeroes what remains. Arguments, phases and state are those of
+    :math:`\times` ``group_lasso`` (None: per group, as :func:`~asgssd_jax.optim.h2spg.h2spg`'s
+    default; ``fade_out=True``: :math:`\|y_g\|/r`, r the projection steps left); the last
+    projection step zeroes what remains. Arguments, phases and state are those of
     :func:`~asgssd_jax.optim.h2spg.h2spg`.
 
     References:
@@ -86,5 +91,6 @@ def proxsg_plus(
         space, learning_rate, target_group_sparsity, warmup_steps=warmup_steps,
         projection_steps=projection_steps, base=base, momentum=momentum,
         weight_decay=weight_decay, epsilon=0.0, group_lasso=group_lasso, lasso_amplify=1.0,
-        lasso_max_factor=1.0, saliency=saliency, saliency_decay=saliency_decay,
+        lasso_max_factor=1.0, fade_out=fade_out, nonfinite=nonfinite, saliency=saliency,
+        saliency_decay=saliency_decay,
         search="hierarchical", redundant_step="proximal", name="proxsg_plus")

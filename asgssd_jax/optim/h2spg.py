@@ -17,6 +17,7 @@ Phases, counted in updates (``state.count``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 import weakref
@@ -49,10 +50,20 @@ class H2SPGState(NamedTuple):
     """State of :func:`h2spg` (and of the baselines built on it).
 
     Attributes:
-      count: updates done so far, ``int32``.
+      count: updates done so far (a skipped non-finite step does not count), ``int32``.
       saliency: exponential average of each group's saliency over warm-up, ``float32[G]``.
       redundant: G_r, set once by the search at ``count == warmup_steps``, ``bool[G]``.
       zero: groups projected onto zero so far (they stay zero), ``bool[G]``.
+      search_norm: ``||x_g||`` at the search, for the redundant groups, ``float32[G]``.
+      lasso: each redundant group's group-lasso coefficient set at the search (the default
+        ``group_lasso=None``), ``float32[G]``.
+      zero_step: the update (value of ``count``) that projected each group onto zero, -1 for
+        none, ``int32[G]``.
+      zeroed_by_test: whether the half-space test (True) or the last projection step's
+        safeguard (False) zeroed each group, ``bool[G]``.
+      zero_norm: ``||x_g||`` just before its projection relative to ``search_norm``,
+        ``float32[G]`` (0 for groups not zeroed).
+      notfinite_count: updates skipped because a gradient or update was not finite, ``int32``.
       base_state: the base optimizer's state.
     """
 
@@ -60,6 +71,12 @@ class H2SPGState(NamedTuple):
     saliency: jax.Array
     redundant: jax.Array
     zero: jax.Array
+    search_norm: jax.Array
+    lasso: jax.Array
+    zero_step: jax.Array
+    zeroed_by_test: jax.Array
+    zero_norm: jax.Array
+    notfinite_count: jax.Array
     base_state: optax.OptState
 
 
@@ -71,12 +88,22 @@ class H2SPGInfo(NamedTuple):
       saliency: per-group saliency averaged over warm-up (smaller = more redundant).
       redundant: the redundant groups G_r (all False before the search).
       zero_groups: groups the optimizer has projected onto zero.
+      zero_step: per group, the update (0-based) that projected it onto zero; -1 for none.
+      zeroed_by_test: per group, True where the half-space test zeroed it, False where the
+        last projection step's safeguard did (or it is not zero).
+      zero_relative_norm: per group, its norm just before the projection relative to its norm
+        at the search (0 for groups not zeroed).
+      skipped_steps: updates skipped because of non-finite gradients or updates.
     """
 
     step: jax.Array
     saliency: jax.Array
     redundant: jax.Array
     zero_groups: jax.Array
+    zero_step: jax.Array
+    zeroed_by_test: jax.Array
+    zero_relative_norm: jax.Array
+    skipped_steps: jax.Array
 
 
 def h2spg_info(state: optax.OptState) -> H2SPGInfo:
@@ -87,13 +114,16 @@ def h2spg_info(state: optax.OptState) -> H2SPGInfo:
 
         info = h2spg_info(opt_state)
         np.flatnonzero(info.redundant)   # indices of G_r
+        np.flatnonzero(info.zero_groups & ~info.zeroed_by_test)   # left to the safeguard
     """
     found = [s for s in jax.tree_util.tree_leaves(
         state, is_leaf=lambda s: isinstance(s, H2SPGState)) if isinstance(s, H2SPGState)]
     if len(found) != 1:
         raise ValueError(f"expected one H2SPGState in the optimizer state, found {len(found)}")
     (s,) = found
-    return H2SPGInfo(step=s.count, saliency=s.saliency, redundant=s.redundant, zero_groups=s.zero)
+    return H2SPGInfo(step=s.count, saliency=s.saliency, redundant=s.redundant, zero_groups=s.zero,
+                     zero_step=s.zero_step, zeroed_by_test=s.zeroed_by_test & s.zero,
+                     zero_relative_norm=s.zero_norm, skipped_steps=s.notfinite_count)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +322,36 @@ def _active_group_dots(layout: _Layout, num_groups: int, active: jax.Array, a: l
 # The transformation.
 
 
+# The default group-lasso coefficient: over the projection phase, the push alone would move
+# each redundant group by this many times its norm at the search, so that the half-space test
+# zeroes it about half-way through the phase, at a small fraction of that norm.
+_PUSH_OVER_PHASE = 2.0
+
+_NONFINITE = ("skip", "raise")
+
+
+def _all_finite(leaves: list) -> jax.Array:
+    """True when every entry of every leaf is finite."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in leaves
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _raise_nonfinite(name: str, count) -> None:
+    raise FloatingPointError(
+        f"{name}: non-finite gradient or update at update {int(count)}; the step was not "
+        f"applied (pass nonfinite='skip' to skip such steps instead)")
+
+
+def _window_lr_sum(learning_rate, start, steps) -> jax.Array:
+    """The sum of the learning rate over updates ``start .. start + steps - 1``."""
+    if not callable(learning_rate):
+        return jnp.asarray(steps, jnp.float32) * jnp.asarray(learning_rate, jnp.float32)
+    return jax.lax.fori_loop(
+        0, steps, lambda i, acc: acc + jnp.asarray(learning_rate(start + i), jnp.float32),
+        jnp.zeros([], jnp.float32))
+
+
 def hybrid_sparse_optimizer(
     space: Any,
     learning_rate: optax.ScalarOrSchedule,
@@ -306,6 +366,8 @@ def hybrid_sparse_optimizer(
     group_lasso: optax.ScalarOrSchedule | None,
     lasso_amplify: float,
     lasso_max_factor: float,
+    fade_out: bool,
+    nonfinite: str,
     saliency: SaliencyFn | str | None,
     saliency_decay: float,
     search: str,
@@ -323,9 +385,13 @@ def hybrid_sparse_optimizer(
     d = _concrete(saliency_decay)
     if d is not None and not 0.0 <= d < 1.0:
         raise ValueError(f"{name}: saliency_decay must be in [0, 1), got {saliency_decay}")
+    if nonfinite not in _NONFINITE:
+        raise ValueError(f"{name}: nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+    if not isinstance(fade_out, bool):
+        raise ValueError(f"{name}: fade_out must be True or False, got {fade_out!r}")
     base_tx = _base_optimizer(base, learning_rate, momentum, weight_decay)
     saliency_fn = resolve_saliency(saliency)
-    progressive = group_lasso is None
+    auto_lasso = group_lasso is None
     lr, lam, eps = _schedule(learning_rate), _schedule(group_lasso), _schedule(epsilon)
     if search == "hierarchical":
         graph = search_graph(space)
@@ -337,11 +403,18 @@ def hybrid_sparse_optimizer(
 
     def init_fn(params):
         _layout(space, params, name)
+        zeros_f = jnp.zeros(num_groups, jnp.float32)
         return H2SPGState(
             count=jnp.zeros([], jnp.int32),
-            saliency=jnp.zeros(num_groups, jnp.float32),
+            saliency=zeros_f,
             redundant=jnp.zeros(num_groups, bool),
             zero=jnp.zeros(num_groups, bool),
+            search_norm=zeros_f,
+            lasso=zeros_f,
+            zero_step=jnp.full(num_groups, -1, jnp.int32),
+            zeroed_by_test=jnp.zeros(num_groups, bool),
+            zero_norm=zeros_f,
+            notfinite_count=jnp.zeros([], jnp.int32),
             base_state=base_tx.init(params),
         )
 
@@ -376,57 +449,81 @@ def hybrid_sparse_optimizer(
         s = jax.lax.cond(in_warmup, sample, lambda: state.saliency)
         blended = jnp.where(count == 0, s, saliency_decay * state.saliency
                             + (1.0 - saliency_decay) * s)
-        # A non-finite sample (NaN/inf gradients) is ignored: the average stays finite.
+        # A non-finite sample (e.g. 0/0 in a custom proxy) is left out of the average.
         avg = jnp.where(in_warmup & jnp.isfinite(s), blended, state.saliency)
 
         # The one-time search.
-        redundant = jax.lax.cond(count == warm, lambda: search_fn(avg),
-                                 lambda: state.redundant)
+        is_search = count == warm
+        redundant = jax.lax.cond(is_search, lambda: search_fn(avg), lambda: state.redundant)
 
         # Hybrid phase: per-group statistics of the redundant groups' trial step.
         in_proj = (count >= warm) & (count < warm + proj)
         active = redundant & ~state.zero & in_proj
-
         xx, xu, uu = _active_group_dots(layout, num_groups, active, xs, us)
         nx = jnp.sqrt(xx)
+        safe_nx = jnp.where(nx > 0, nx, 1.0)
         final = count == warm + proj - 1
-        if progressive:
-            # Shrink by 1/r of the norm per step, r = projection steps left (so the group
-            # fades out linearly and the last projection removes only what is left).
+        search_norm = jnp.where(is_search & redundant, nx, state.search_norm)
+        if auto_lasso and not fade_out:
+            # lambda_g such that lr * lambda_g summed over the phase is _PUSH_OVER_PHASE times
+            # the group's norm at the search: a group-lasso weight per group.
+            lasso = jax.lax.cond(
+                is_search,
+                lambda: _PUSH_OVER_PHASE * search_norm
+                / jnp.maximum(_window_lr_sum(learning_rate, warm, proj), 1e-30),
+                lambda: state.lasso)
+        else:
+            lasso = state.lasso
+
+        if fade_out:
+            # OTO's HESSO-style scheduled fade-out: shrink by 1/r of the norm per step, r the
+            # projection steps left, so the last projection step removes what is left.
             remaining = jnp.maximum(warm + proj - count, 1).astype(jnp.float32)
             mu0 = (nx if redundant_step == "half_space" else 1.0) / remaining
         else:
-            mu0 = jnp.asarray(lr(count) * lam(count), jnp.float32)
+            coef = lasso if auto_lasso else jnp.asarray(lam(count), jnp.float32)
+            mu0 = jnp.asarray(lr(count), jnp.float32) * coef
         if redundant_step == "half_space":
-            if progressive:  # and cancel whatever growth the base step gives the group
-                mu = mu0 + jnp.maximum(xu, 0.0) / jnp.where(nx > 0, nx, 1.0)
+            if fade_out:  # and cancel whatever growth the base step gives the group
+                mu = mu0 + jnp.maximum(xu, 0.0) / safe_nx
             else:
                 # DHSPG's adaptive group lasso: where the base step grows the group
-                # (<x, u> > 0), strengthen the push so that it wins, without turning it into
-                # an ascent direction.
-                low = xu / jnp.where(nx > 0, nx, 1.0)
+                # (<x, u> > 0), strengthen the push so that it wins (up to lasso_max_factor
+                # times), preferring a push that keeps -u + push a descent direction. Unlike
+                # DHSPG, whose coefficient is small, the push never falls below mu0: the
+                # default mu0 is sized to zero the group within the phase.
+                low = xu / safe_nx
                 high = uu * nx / jnp.where(xu > 0, xu, 1.0)
                 mu = jnp.clip(lasso_amplify * low, mu0, mu0 * lasso_max_factor)
-                mu = jnp.where(mu >= high, 0.5 * (low + high), mu)
+                mu = jnp.maximum(jnp.where(mu >= high, 0.5 * (low + high), mu), mu0)
                 mu = jnp.where(xu > 0, mu, mu0)
             # Half-space test on x_trial = x + u - mu x/||x||: <x_trial, x> < eps ||x||^2.
             trial_dot_x = xx + xu - mu * nx
-            project = active & ((trial_dot_x < eps(count) * xx) | (xx == 0) | final)
-            shrink = jnp.where(nx > 0, mu / jnp.where(nx > 0, nx, 1.0), 0.0)
+            test = (trial_dot_x < eps(count) * xx) | (xx == 0)
+            shrink = jnp.where(nx > 0, mu / safe_nx, 0.0)
             keep_u = jnp.ones_like(shrink)
         else:
             # Proximal group lasso on y = x + u: y (1 - mu/||y||)_+.
             ny = jnp.sqrt(jnp.maximum(xx + 2.0 * xu + uu, 0.0))
-            if progressive:
+            if fade_out:
                 mu0 = ny * mu0
-            project = active & ((ny <= mu0) | final)
+            test = ny <= mu0
             shrink = jnp.where(ny > 0, mu0 / jnp.where(ny > 0, ny, 1.0), 0.0)
             keep_u = 1.0 - shrink
+
+        # A step with a non-finite gradient, update or statistic changes nothing.
+        finite = _all_finite(gs) & _all_finite(
+            [jnp.where(active, xx + xu + uu + mu0 + shrink, 0.0)])
+        if nonfinite == "raise":
+            jax.lax.cond(finite, lambda: None,
+                         lambda: jax.debug.callback(
+                             functools.partial(_raise_nonfinite, name), count))
+        project = active & (test | final) & finite
+        push = active & ~project & finite
         zero = state.zero | project
-        push = active & ~project
         zero_g, push_g, keep_g, shrink_g = _per_group_scalars(
             count >= 0, (zero, push, keep_u, shrink))
-        out = list(us)
+        out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in us]
         for i in layout.grouped:
             g = layout.leaf_groups[i]
             x, u = xs[i], us[i]
@@ -435,9 +532,23 @@ def hybrid_sparse_optimizer(
             # A select, not arithmetic, keeps G_r^C's update bit-identical to the base's (with
             # FMA contraction, u - 0 * x may round differently), and makes the update of a
             # zero group exactly -x, so that params + updates is exactly 0.
-            out[i] = jnp.where(zero_g[g], -x.astype(u.dtype), jnp.where(push_g[g], moved, u))
-        new_state = H2SPGState(count=optax.safe_increment(count), saliency=avg,
-                               redundant=redundant, zero=zero, base_state=base_state)
+            out[i] = jnp.where(zero_g[g], -x.astype(u.dtype), jnp.where(push_g[g], moved, out[i]))
+
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = H2SPGState(
+            count=keep(optax.safe_increment(count), count),
+            saliency=keep(avg, state.saliency),
+            redundant=keep(redundant, state.redundant),
+            zero=zero,
+            search_norm=keep(search_norm, state.search_norm),
+            lasso=keep(lasso, state.lasso),
+            zero_step=jnp.where(project, count, state.zero_step),
+            zeroed_by_test=state.zeroed_by_test | (project & test & ~final),
+            zero_norm=jnp.where(project, nx / jnp.where(search_norm > 0, search_norm, 1.0),
+                                state.zero_norm),
+            notfinite_count=state.notfinite_count + (~finite).astype(jnp.int32),
+            base_state=jax.tree_util.tree_map(keep, base_state, state.base_state),
+        )
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -457,6 +568,8 @@ def h2spg(
     group_lasso: optax.ScalarOrSchedule | None = None,
     lasso_amplify: float = 1.1,
     lasso_max_factor: float = 10.0,
+    fade_out: bool = False,
+    nonfinite: str = "skip",
     saliency: SaliencyFn | str | None = None,
     saliency_decay: float = 0.9,
 ) -> optax.GradientTransformation:
@@ -472,11 +585,16 @@ def h2spg(
     Phases (``count`` = updates done): warm-up while ``count < warmup_steps`` (base optimizer
     everywhere, saliency averaged); at ``count == warmup_steps`` the in-graph hierarchical
     search picks G_r; during the ``projection_steps`` updates that start with it, each
-    not-yet-zero group of G_r takes the base step plus a group-lasso push,
-    :math:`\tilde x_g = x_g + u_g - \mu_g x_g/\|x_g\|` with :math:`\mu_g` = learning rate
-    :math:`\times\lambda` adapted as in DHSPG, and is set to zero when
-    :math:`\langle\tilde x_g, x_g\rangle < \epsilon\|x_g\|^2`; the last projection step zeroes
-    the rest. Leaves outside G_r always get the base optimizer's update unchanged.
+    not-yet-zero group of G_r takes HSPG's half-space step: the trial point
+    :math:`\tilde x_g = x_g + u_g - \mu_g x_g/\|x_g\|` (``u`` the base optimizer's update,
+    :math:`\mu_g` = learning rate :math:`\times\lambda_g`, the group-lasso coefficient adapted
+    as in DHSPG) is accepted, or the group is projected onto exactly zero when the half-space
+    test :math:`\langle\tilde x_g, x_g\rangle < \epsilon\|x_g\|^2` says so. With the default
+    coefficient the test zeroes the groups during the phase, at a small fraction of their norm
+    at the search; the last projection step zeroes whatever is left, as a safeguard.
+    :func:`h2spg_info` tells, per group, the update that zeroed it, whether the test or the
+    safeguard did, and its norm then relative to its norm at the search. Leaves outside G_r
+    always get the base optimizer's update unchanged.
 
     Updates follow optax's convention (``optax.apply_updates``); a projected group's update is
     exactly ``-params``, so h2spg must be the last transformation of a chain (clipping etc.
@@ -487,11 +605,13 @@ def h2spg(
     (float32) hyperparameters; name a custom ``saliency`` function in ``static_args`` (it is
     not a schedule), and note that K is then ``floor(target_group_sparsity * G)`` in float32.
 
-    Non-finite gradients: h2spg does not skip steps itself, so NaN/inf reach the base
-    optimizer as they would without it. Its own state stays sound: a non-finite saliency
-    sample is left out of the average, the search and the masks never see NaN, and zero groups
-    stay exactly zero. Wrap it in ``optax.apply_if_finite`` to skip such steps (a skipped step
-    does not count towards the phases).
+    Non-finite gradients: a step whose gradient (or the statistics of a redundant group's
+    step) is not finite is skipped, as ``optax.apply_if_finite`` does: the update is zero
+    (parameters stay as they were), the state is unchanged except ``notfinite_count``
+    (:attr:`H2SPGInfo.skipped_steps`), and the skipped step does not count towards the
+    phases. With ``nonfinite="raise"`` the step raises ``FloatingPointError`` instead (through
+    a host callback run only on such a step). Zero flags are set only together with an
+    update of exactly ``-params``.
 
     Args:
       space: the :class:`~asgssd_jax.SearchSpace` of the model; ``params`` passed to
@@ -507,14 +627,20 @@ def h2spg(
       weight_decay: L2 penalty for ``"sgd"``/``"adam"``, decoupled decay for ``"adamw"``.
       epsilon: half-space threshold :math:`\epsilon \ge 0` (scalar or schedule); larger
         projects sooner.
-      group_lasso: None (default): a progressive push, :math:`\mu_g = \|x_g\|/r +
-        \max(0, \langle x_g, u_g\rangle)/\|x_g\|` with r the projection steps left, which
-        cancels any growth from the base step and takes 1/r of the norm, so the group fades
-        out over the projection phase. A number or schedule: DHSPG's group-lasso coefficient
-        :math:`\lambda`, :math:`\mu_g` = learning rate :math:`\times\lambda` adapted per
-        group (then a short projection phase leaves most of the zeroing to its last step).
+      group_lasso: the group-lasso coefficient :math:`\lambda` (scalar or schedule). None
+        (default): one coefficient per redundant group, set at the search to
+        :math:`\lambda_g = 2\|x_g\| / \sum_t \alpha_t` (the sum of the learning rate over the
+        projection phase), so the push alone would take the group twice to zero over the
+        phase and the half-space test zeroes it about half-way (a weighted group lasso;
+        under ``inject_hyperparams`` the sum is the phase length times the current rate).
       lasso_amplify: DHSPG's amplification of the smallest effective :math:`\lambda`.
       lasso_max_factor: the adapted :math:`\lambda` is at most this times ``group_lasso``.
+      fade_out: False (default): the half-space step above. True: OTO's later HESSO
+        behaviour instead of the paper's, a scheduled fade-out, :math:`\mu_g = \|x_g\|/r +
+        \max(0, \langle x_g, u_g\rangle)/\|x_g\|` with r the projection steps left, which
+        takes 1/r of the norm each step so that the last projection step zeroes every group
+        (``group_lasso`` is then unused).
+      nonfinite: ``"skip"`` (default) or ``"raise"``, for a step with non-finite gradients.
       saliency: a :mod:`~asgssd_jax.optim.saliency` function or its name; smaller = more
         redundant. Default: DHSPG's cosine similarity and average magnitude.
       saliency_decay: decay of the saliency's exponential average.
@@ -536,6 +662,6 @@ def h2spg(
         space, learning_rate, target_group_sparsity, warmup_steps=warmup_steps,
         projection_steps=projection_steps, base=base, momentum=momentum,
         weight_decay=weight_decay, epsilon=epsilon, group_lasso=group_lasso,
-        lasso_amplify=lasso_amplify, lasso_max_factor=lasso_max_factor, saliency=saliency,
-        saliency_decay=saliency_decay, search="hierarchical", redundant_step="half_space",
-        name="h2spg")
+        lasso_amplify=lasso_amplify, lasso_max_factor=lasso_max_factor, fade_out=fade_out,
+        nonfinite=nonfinite, saliency=saliency, saliency_decay=saliency_decay,
+        search="hierarchical", redundant_step="half_space", name="h2spg")
