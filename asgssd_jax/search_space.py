@@ -23,11 +23,14 @@ import numpy as np
 
 from asgssd_jax.cost import op_macs
 from asgssd_jax.segments import SegmentGraph, build_segment_graph
-from asgssd_jax.trace import CONTROL_FLOW, TraceGraph, trace
+from asgssd_jax.primitives import CONTROL_FLOW, ELEMENTWISE, REDUCE, WINDOW
+from asgssd_jax.trace import TraceGraph, trace
+from asgssd_jax.zero_invariance import check_zero_invariance
 
 __all__ = [
     "ChannelSite",
     "ChannelState",
+    "ExcludedCandidate",
     "Group",
     "SearchSpace",
     "follow_channels",
@@ -39,18 +42,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Channel tracing through per-channel operations (for concatenate inputs).
 
-_ELEMENTWISE = frozenset(
-    """
-    add add_any sub mul div max min neg exp exp2 log log1p expm1 tanh logistic abs sqrt rsqrt
-    cbrt pow integer_pow square erf erfc erf_inv sign sin cos tan atan2 floor ceil round
-    convert_element_type copy copy_p stop_gradient clamp select_n is_finite eq ne gt ge lt le
-    and or not xor reduce_precision nextafter rem
-    """.split()
-)
-_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-                     "reduce_or", "argmax", "argmin"})
-_WINDOW = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min",
-                     "reduce_window"})
+# Kept under their former names for modules that import them from here.
+_ELEMENTWISE = ELEMENTWISE
+_REDUCE = REDUCE
+_WINDOW = WINDOW
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +101,7 @@ def _advance(op, program, tracked: dict[int, ChannelState], data) -> Any:
     if len(t_ins) != len(ins) or len(states) != 1:
         return None  # mixes the channels with other data
     (s,) = states
-    if name in _ELEMENTWISE:
+    if name in ELEMENTWISE:
         out_shape = program.shape(op.outvars[0])
         for x in op.invars:
             if isinstance(x, int) and x in data:
@@ -115,12 +110,12 @@ def _advance(op, program, tracked: dict[int, ChannelState], data) -> Any:
             if shp and (len(shp) != len(out_shape) or shp[s.axis] not in (1, out_shape[s.axis])):
                 return None
         return s
-    if name in _REDUCE:
+    if name in REDUCE:
         axes = tuple(op.params["axes"])
         if s.axis in axes:
             return None
         return dataclasses.replace(s, axis=s.axis - sum(a < s.axis for a in axes))
-    if name in _WINDOW:
+    if name in WINDOW:
         p = op.params
         if (p["window_dimensions"][s.axis] != 1 or p["window_strides"][s.axis] != 1
                 or tuple(p["padding"][s.axis]) != (0, 0)):
@@ -286,15 +281,26 @@ class Group:
     concat_sites: tuple[ChannelSite, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class ExcludedCandidate:
+    """A segment that passed the graph tests but is not zero-invariant, so not in G_s."""
+
+    segment: int
+    param_paths: tuple[str, ...]
+    reason: str
+
+
 class SearchSpace:
     """Removal structures of a network, their groups, and graph validity.
 
     Build it with :func:`generate_search_space`. ``groups[i]`` is the i-th group of G_s;
-    ``complement_paths`` lists the trainable leaves in G_s^C.
+    ``complement_paths`` lists the trainable leaves in G_s^C; ``excluded`` lists the candidates
+    that failed the zero-invariance check, with the reason.
     """
 
     def __init__(self, segment_graph: SegmentGraph, groups: list[Group], apply_fn, kwargs,
-                 variables=None):
+                 variables=None, excluded: Sequence[ExcludedCandidate] = ()):
+        self.excluded: tuple[ExcludedCandidate, ...] = tuple(excluded)
         self.variables = variables  # the tree it was traced with (for NNX models: their dict)
         self.segment_graph = segment_graph
         self.trace: TraceGraph = segment_graph.trace
@@ -492,6 +498,9 @@ class SearchSpace:
             f"({sum(g.num_params for g in self.groups):,} params); "
             f"G_s^C: {len(self.complement_leaves)} leaves ({n_c:,} params); segment graph "
             f"|V_s|={sg.graph.number_of_nodes()}, |E_s|={sg.graph.number_of_edges()}")
+        for ex in self.excluded:
+            lines.append(f"excluded segment {ex.segment} ({', '.join(ex.param_paths)}): "
+                         f"not a removal structure, {ex.reason}")
         return "\n".join(lines)
 
     def _leaf_shape(self, i: int) -> tuple[int, ...]:
@@ -505,8 +514,15 @@ def _human(x: float) -> str:
     return f"{x:.0f}"
 
 
-def discover_removal_structures(segment_graph: SegmentGraph) -> list[Group]:
-    """Algorithm 2, lines 11-15: the segments that qualify as removal structures."""
+def discover_removal_structures(
+    segment_graph: SegmentGraph, leaves: Sequence[Any] | None = None
+) -> tuple[list[Group], list[ExcludedCandidate]]:
+    """Algorithm 2, lines 11-15: the segments that qualify as removal structures.
+
+    A segment that passes the graph tests but is not zero-invariant
+    (:func:`~asgssd_jax.zero_invariance.check_zero_invariance`, evaluated with ``leaves``, the
+    variables' leaves, concrete or abstract) is returned among the excluded candidates instead.
+    """
     t = segment_graph.trace
     g = t.graph
     program = t.program
@@ -517,6 +533,7 @@ def discover_removal_structures(segment_graph: SegmentGraph) -> list[Group]:
             users[i] = users.get(i, 0) + 1
     batch = program.shape(program.arg_vars[0])[0] if program.shape(program.arg_vars[0]) else 1
     groups: list[Group] = []
+    excluded: list[ExcludedCandidate] = []
     for seg in segment_graph.segments:
         if seg.kind != "op":
             continue
@@ -547,7 +564,12 @@ def discover_removal_structures(segment_graph: SegmentGraph) -> list[Group]:
                 break
         if not ok:
             continue
-        ops = [i for v in seg.vertices for i in t.vertices[v].ops]
+        ops = sorted(i for v in seg.vertices for i in t.vertices[v].ops)
+        reason = check_zero_invariance(program, ops, trainable, leaves, seed=seg.id)
+        if reason is not None:
+            excluded.append(ExcludedCandidate(
+                seg.id, tuple(t.leaf_paths[i] for i in trainable), reason))
+            continue
         macs = sum(op_macs(program.ops[i], program) for i in ops) / batch
         groups.append(Group(
             index=len(groups),
@@ -558,7 +580,7 @@ def discover_removal_structures(segment_graph: SegmentGraph) -> list[Group]:
             macs=macs,
             concat_sites=tuple(sites),
         ))
-    return groups
+    return groups, excluded
 
 
 def generate_search_space(
@@ -580,7 +602,8 @@ def generate_search_space(
         apply_fn, variables = nnx_functional(apply_fn)
     t = trace(apply_fn, variables, *sample_args, **sample_kwargs)
     sg = build_segment_graph(t)
-    return SearchSpace(sg, discover_removal_structures(sg), apply_fn, sample_kwargs, variables)
+    groups, excluded = discover_removal_structures(sg, jax.tree_util.tree_leaves(variables))
+    return SearchSpace(sg, groups, apply_fn, sample_kwargs, variables, excluded)
 
 
 def _is_nnx(obj: Any) -> bool:

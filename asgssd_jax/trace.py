@@ -30,7 +30,10 @@ import networkx as nx
 import numpy as np
 from jax.extend import core as jex_core
 
+from asgssd_jax.primitives import CONTROL_FLOW, TOLERANT_JOINTS
+
 __all__ = [
+    "CONTROL_FLOW",
     "TOLERANT_JOINTS",
     "Op",
     "Program",
@@ -41,9 +44,6 @@ __all__ = [
     "trace",
     "trace_program",
 ]
-
-#: Joints where a zero input is the same as an absent input (DESIGN.md).
-TOLERANT_JOINTS = frozenset({"add", "add_any", "sub", "concatenate"})
 
 #: Call-like primitives whose body is inlined (not control flow).
 _INLINED = frozenset(
@@ -61,9 +61,6 @@ _INLINED = frozenset(
         "custom_lin",
     }
 )
-
-#: Control flow: one opaque vertex, never inside a removal structure.
-CONTROL_FLOW = frozenset({"cond", "while", "scan", "switch", "fori_loop"})
 
 
 class TraceError(ValueError):
