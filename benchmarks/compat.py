@@ -16,7 +16,9 @@ these zero sets: every single group that is valid, a random valid set of about h
 and the maximal valid set found greedily (groups in index order). For each it constructs the
 sub-network and compares ``sub.apply(sub.variables, inputs)`` with the zeroed full network at
 batch ``--other-batch`` (default 3, a batch size the space was not traced at):
-``relative_difference`` at most 1e-5 is exact. A model whose search space is empty gets the
+``relative_difference`` at most 1e-5 is exact. It also redraws each input the full network
+reads and lists those the zeroed network no longer reads ("inputs kept": a valid removal keeps
+every input-output dependence). A model whose search space is empty gets the
 reason, read from the segment graph (weight sharing, every branch ending in a multiplication,
 ...). Every failure is caught per zero set and per model and reported as its exception class and
 first line; the sweep never stops at one model.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -96,12 +99,13 @@ def apply_shims() -> None:
 
 @dataclasses.dataclass
 class Case:
-    """One model as a user holds it: ``apply_fn(variables, *inputs(batch))`` is its output."""
+    """One model as a user holds it: ``apply_fn(variables, *inputs(batch, seed))`` is its
+    output; another ``seed`` draws other values for every input."""
 
     model_class: str
     apply_fn: Callable[..., Any]
     variables: Any
-    inputs: Callable[[int], tuple[Any, ...]]
+    inputs: Callable[[int, int], tuple[Any, ...]]
 
 
 def _transformers():
@@ -111,21 +115,21 @@ def _transformers():
     return transformers
 
 
-def _ids(batch: int, vocab: int = 64, seq: int = SEQ, seed: int = 0) -> jax.Array:
-    rng = np.random.default_rng(seed + batch)
+def _ids(batch: int, seed: int, seq: int = SEQ, vocab: int = 64) -> jax.Array:
+    rng = np.random.default_rng([seed, batch, seq])
     return jnp.asarray(rng.integers(3, vocab, size=(batch, seq)), jnp.int32)
 
 
-def _mask(batch: int, seq: int = SEQ) -> jax.Array:
-    """Ones with the last two tokens of the last example padded (so the mask matters)."""
+def _mask(batch: int, seed: int, seq: int = SEQ) -> jax.Array:
+    """Ones with the last ``2 + seed`` tokens of the last example padded."""
     m = np.ones((batch, seq), np.int32)
-    m[-1, -2:] = 0
+    m[-1, seq - 2 - seed % (seq - 2):] = 0
     return jnp.asarray(m)
 
 
-def _pixels(batch: int, side: int, channels: int = 3) -> jax.Array:
-    rng = np.random.default_rng(100 + batch)
-    return jnp.asarray(rng.normal(size=(batch, channels, side, side)), jnp.float32)
+def _normal(seed: int, *shape: int) -> jax.Array:
+    rng = np.random.default_rng([seed, *shape])
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
 
 def _text_classifier(cls_name: str, config_name: str, **config) -> Case:
@@ -136,7 +140,7 @@ def _text_classifier(cls_name: str, config_name: str, **config) -> Case:
     def apply_fn(params, input_ids, attention_mask):
         return model(input_ids, attention_mask, params=params, train=False).logits
 
-    return Case(cls_name, apply_fn, model.params, lambda b: (_ids(b), _mask(b)))
+    return Case(cls_name, apply_fn, model.params, lambda b, s: (_ids(b, s), _mask(b, s)))
 
 
 def _image_classifier(cls_name: str, config_name: str, side: int, **config) -> Case:
@@ -147,7 +151,7 @@ def _image_classifier(cls_name: str, config_name: str, side: int, **config) -> C
     def apply_fn(params, pixel_values):
         return model(pixel_values, params=params, train=False).logits
 
-    return Case(cls_name, apply_fn, model.params, lambda b: (_pixels(b, side),))
+    return Case(cls_name, apply_fn, model.params, lambda b, s: (_normal(s, b, 3, side, side),))
 
 
 def _vit_config(**extra) -> dict:
@@ -197,7 +201,7 @@ def clip_vision() -> Case:
         return model(pixel_values, params=params, train=False).pooler_output
 
     return Case("FlaxCLIPVisionModel", apply_fn, model.params,
-                lambda b: (_pixels(b, IMAGE),))
+                lambda b, s: (_normal(s, b, 3, IMAGE, IMAGE),))
 
 
 def clip() -> Case:
@@ -209,7 +213,7 @@ def clip() -> Case:
                      train=False).logits_per_image
 
     return Case("FlaxCLIPModel", apply_fn, model.params,
-                lambda b: (_ids(b), _pixels(b, IMAGE), _mask(b)))
+                lambda b, s: (_ids(b, s), _normal(s, b, 3, IMAGE, IMAGE), _mask(b, s)))
 
 
 def bert() -> Case:
@@ -234,7 +238,7 @@ def _causal_lm(cls_name: str, cfg) -> Case:
     def apply_fn(params, input_ids, attention_mask):
         return model(input_ids, attention_mask, params=params, train=False).logits
 
-    return Case(cls_name, apply_fn, model.params, lambda b: (_ids(b), _mask(b)))
+    return Case(cls_name, apply_fn, model.params, lambda b, s: (_ids(b, s), _mask(b, s)))
 
 
 def gpt2() -> Case:
@@ -259,7 +263,7 @@ def _seq2seq(cls_name: str, cfg) -> Case:
                      train=False).logits
 
     return Case(cls_name, apply_fn, model.params,
-                lambda b: (_ids(b), _mask(b), _ids(b, seq=SEQ - 2, seed=7)))
+                lambda b, s: (_ids(b, s), _mask(b, s), _ids(b, s, seq=SEQ - 2)))
 
 
 def t5() -> Case:
@@ -290,10 +294,8 @@ def whisper() -> Case:
                           eos_token_id=2, suppress_tokens=None, begin_suppress_tokens=None)
     model = T.FlaxWhisperForConditionalGeneration(cfg, input_shape=(1, mels, frames), seed=0)
 
-    def inputs(b):
-        rng = np.random.default_rng(200 + b)
-        feats = jnp.asarray(rng.normal(size=(b, mels, frames)), jnp.float32)
-        return feats, _ids(b, seq=SEQ - 2, seed=7)
+    def inputs(b, s):
+        return _normal(s, b, mels, frames), _ids(b, s, seq=SEQ - 2)
 
     def apply_fn(params, input_features, decoder_input_ids):
         return model(input_features, decoder_input_ids=decoder_input_ids, params=params,
@@ -312,9 +314,8 @@ def wav2vec2() -> Case:
                            feat_extract_norm="layer")  # the only variant transformers' Flax has
     model = T.FlaxWav2Vec2ForCTC(cfg, input_shape=(1, samples), seed=0)
 
-    def inputs(b):
-        rng = np.random.default_rng(300 + b)
-        return (jnp.asarray(rng.normal(size=(b, samples)), jnp.float32),)
+    def inputs(b, s):
+        return (_normal(s, b, samples),)
 
     def apply_fn(params, input_values):
         return model(input_values, params=params, train=False).logits
@@ -374,19 +375,52 @@ def _finite(tree: Any) -> bool:
                if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact))
 
 
+def _same(a: Any, b: Any) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                      for x, y in zip(la, lb))
+
+
+@dataclasses.dataclass
+class Probe:
+    """A model's inputs for the checks: at the traced batch, at another batch, and the other
+    batch with one input drawn again (for each input the full network's output reads)."""
+
+    traced: tuple
+    other: tuple
+    redrawn: dict[str, tuple]  # input name -> ``other`` with that input drawn again
+
+    @classmethod
+    def of(cls, case: Case, batch: int, other_batch: int) -> Probe:
+        traced, other = case.inputs(batch, 0), case.inputs(other_batch, 0)
+        fresh = case.inputs(other_batch, 1)
+        names = list(inspect.signature(case.apply_fn).parameters)[1:]
+        full = case.apply_fn(case.variables, *other)
+        redrawn = {}
+        for k, name in enumerate(names[: len(other)]):
+            args = other[:k] + (fresh[k],) + other[k + 1:]
+            if not _same(full, case.apply_fn(case.variables, *args)):
+                redrawn[name] = args
+        return cls(traced, other, redrawn)
+
+
 def check_zero_set(space: ag.SearchSpace, case: Case, chosen: Sequence[int],
-                   traced: tuple, other: tuple) -> dict:
-    """Constructs the sub-network for ``chosen`` zero groups and compares it with the zeroed
-    full network at the traced and at another batch size."""
+                   probe: Probe) -> dict:
+    """Constructs the sub-network for the zero groups ``chosen`` and compares it with the
+    zeroed full network at the traced and at another batch size; lists the inputs the zeroed
+    network no longer reads (a removal that is_valid should have refused)."""
     result: dict[str, Any] = {"groups": list(chosen)}
     stage = "zero_groups"
     try:
         zeroed = space.zero_groups(case.variables, chosen)
-        result["rel_zeroing"] = ag.relative_difference(case.apply_fn(case.variables, *other),
-                                                       case.apply_fn(zeroed, *other))
+        ref_other = case.apply_fn(zeroed, *probe.other)
+        result["rel_zeroing"] = ag.relative_difference(
+            case.apply_fn(case.variables, *probe.other), ref_other)
+        result["inputs_dropped"] = [name for name, args in probe.redrawn.items()
+                                    if _same(ref_other, case.apply_fn(zeroed, *args))]
         stage = "construct_subnetwork"
         sub = ag.construct_subnetwork(space, zeroed)
-        for key, args in (("rel_traced", traced), ("rel_other", other)):
+        for key, args in (("rel_traced", probe.traced), ("rel_other", probe.other)):
             stage = "zeroed full network"
             ref = case.apply_fn(zeroed, *args)
             if not _finite(ref):
@@ -406,7 +440,7 @@ def check_zero_set(space: ag.SearchSpace, case: Case, chosen: Sequence[int],
 
 
 def why_empty(space: ag.SearchSpace) -> str:
-    """Why no segment qualifies as a removal structure, from the segment graph."""
+    """Why no segment qualifies as a removal structure, read from the segment graph."""
     try:
         sg, t = space.segment_graph, space.trace
         users = Counter(i for seg in sg.segments for i in seg.leaves)
@@ -419,12 +453,9 @@ def why_empty(space: ag.SearchSpace) -> str:
                 reasons["weight shared with another segment"] += 1
                 continue
             succs = list(t.graph.successors(seg.vertices[-1]))
-            if not succs:
-                reasons["no successor"] += 1
-                continue
             bad = [w for w in succs if not t.is_tolerant_joint(w)]
-            if not bad:
-                reasons["concat channels not traceable or other"] += 1
+            if not succs or not bad:
+                reasons["other (concat channels not traceable, control flow, ...)"] += 1
                 continue
             for w in bad:
                 v = t.vertices[w]
@@ -439,6 +470,17 @@ def why_empty(space: ag.SearchSpace) -> str:
         return f"(no diagnosis: {_first_line(e)})"
 
 
+def _by_kind(sets: list[dict], kind: Callable[[dict], list[str]]) -> str:
+    """'kind (sets g0, max)' for each kind of problem, the two most frequent first."""
+    labels: dict[str, list[str]] = {}
+    for r in sets:
+        for k in kind(r):
+            labels.setdefault(k, []).append(r["label"])
+    return "; ".join(
+        f"{k} ({'all sets' if len(ls) == len(sets) else 'sets ' + ', '.join(ls)})"
+        for k, ls in sorted(labels.items(), key=lambda kv: -len(kv[1]))[:2])
+
+
 def sweep_one(name: str, batch: int, other_batch: int, seed: int) -> dict:
     """One table row for the model ``name``; never raises."""
     row: dict[str, Any] = {"model": name, "class": "", "params": None, "groups": None,
@@ -448,12 +490,12 @@ def sweep_one(name: str, batch: int, other_batch: int, seed: int) -> dict:
         case = MODELS[name]()
         row["class"] = case.model_class
         row["params"] = ag.count_params(case.variables)
-        traced, other = case.inputs(batch), case.inputs(other_batch)
         stage = "full network"
-        case.apply_fn(case.variables, *traced)
+        probe = Probe.of(case, batch, other_batch)
+        row["inputs_read"] = list(probe.redrawn)
         stage = "generate_search_space"
         t0 = time.perf_counter()
-        space = ag.generate_search_space(case.apply_fn, case.variables, *traced)
+        space = ag.generate_search_space(case.apply_fn, case.variables, *probe.traced)
         row["gen_s"] = time.perf_counter() - t0
         row["groups"] = space.num_groups
         row["group_params"] = sum(g.num_params for g in space.groups)
@@ -467,38 +509,37 @@ def sweep_one(name: str, batch: int, other_batch: int, seed: int) -> dict:
         row["note"] = why_empty(space)
         return row
     for label, chosen in zero_sets(space, seed):
-        r = check_zero_set(space, case, chosen, traced, other)
+        r = check_zero_set(space, case, chosen, probe)
         r["label"] = label
         row["sets"].append(r)
-    failed = [r for r in row["sets"] if "failure" in r]
-    inexact = [r for r in row["sets"] if "failure" not in r and not r["rel_other"] <= EXACT]
-    worst = max((r["rel_other"] for r in row["sets"] if "rel_other" in r), default=None)
-    row["worst_rel"] = worst
-    if not row["sets"]:
+    sets = row["sets"]
+    row["worst_rel"] = max((r["rel_other"] for r in sets if "rel_other" in r), default=None)
+    failed = [r for r in sets if "failure" in r]
+    inexact = [r for r in sets if "failure" not in r and not r["rel_other"] <= EXACT]
+    dropped = _by_kind(sets, lambda r: [f"output stops reading {n}"
+                                        for n in r.get("inputs_dropped", [])])
+    row["valid"] = not dropped
+    if not sets:
         row["status"] = "no valid set"
         row["note"] = "no single group can be removed with the network staying valid"
     elif failed:
         row["status"] = "error"
-        kinds: dict[str, list[str]] = {}
-        for r in failed:
-            kinds.setdefault(r["failure"], []).append(r["label"])
-        row["note"] = "; ".join(
-            f"{k} ({'all sets' if len(ls) == len(row['sets']) else 'sets ' + ', '.join(ls)})"
-            for k, ls in list(kinds.items())[:2])
+        row["note"] = _by_kind(failed, lambda r: [r["failure"]])
     elif inexact:
         row["status"] = "not exact"
         at_traced = max(r["rel_traced"] for r in inexact)
-        row["note"] = (f"{len(inexact)}/{len(row['sets'])} sets inexact at batch {other_batch}; "
+        row["note"] = (f"{len(inexact)}/{len(sets)} sets inexact at batch {other_batch}; "
                        f"at the traced batch {batch}: rel {at_traced:.1e}")
     else:
         row["status"] = "exact"
+    row["note"] = "; ".join(x for x in (row["note"], dropped) if x)
     return row
 
 
 def markdown(rows: list[dict], batch: int, other_batch: int) -> str:
     head = ("| model | Flax class | params | \\|G_s\\| | params in G_s | generation (s) | "
-            f"zero sets | exact at batch {other_batch} | worst rel. | note |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+            f"zero sets | exact at batch {other_batch} | worst rel. | inputs kept | note |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         n_sets = len(r["sets"])
         ok = sum(1 for s in r["sets"] if s.get("rel_other", np.inf) <= EXACT)
@@ -513,6 +554,7 @@ def markdown(rows: list[dict], batch: int, other_batch: int) -> str:
                  f"{r['group_params']:,}" if r.get("group_params") else "-",
                  "-" if r["gen_s"] is None else f"{r['gen_s']:.2f}",
                  str(n_sets), exact, "-" if worst is None else f"{worst:.1e}",
+                 {True: "yes", False: "**no**", None: "-"}[r.get("valid")],
                  r["note"].replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
