@@ -35,6 +35,8 @@ __all__ = [
     "SearchSpace",
     "follow_channels",
     "generate_search_space",
+    "io_pairs",
+    "pairs_connected",
     "trace_channels",
 ]
 
@@ -336,10 +338,10 @@ class SearchSpace:
     # -- validity ----------------------------------------------------------------------------
     def _prepare_validity(self) -> None:
         sg = self.segment_graph
+        self.io_pairs: tuple[tuple[int, int], ...] = tuple(io_pairs(sg))
         order = list(nx.topological_sort(sg.graph))
         self._topo = order
-        # Outputs that depend on the input in the full network are the targets.
-        self._sources = set(sg.inputs)
+        sources = list(dict.fromkeys(s for s, _ in self.io_pairs))
         n = len(sg.segments)
         pos = {s: i for i, s in enumerate(order)}
         max_deg = max([sg.graph.in_degree(s) for s in order] + [1])
@@ -348,12 +350,16 @@ class SearchSpace:
             ps = [pos[p] for p in sg.graph.predecessors(s)]
             preds[pos[s], : len(ps)] = ps
         self._preds_topo = preds
-        self._is_source_topo = np.array([s in self._sources for s in order])
+        column = np.full(n, -1, np.int32)
+        column[[pos[s] for s in sources]] = np.arange(len(sources))
+        self._source_column_topo = column
+        self._num_sources = len(sources)
+        self._pair_target_topo = np.array([pos[t] for _, t in self.io_pairs], np.int32)
+        self._pair_column = np.array([sources.index(s) for s, _ in self.io_pairs], np.int32)
         group_topo = np.full(n, len(self.groups), dtype=np.int32)
         for gr in self.groups:
             group_topo[pos[gr.segment]] = gr.index
         self._group_topo = group_topo
-        self._output_topo = pos[sg.output]
 
     def _check_indices(self, indices: Iterable[int]) -> list[int]:
         idx = [int(i) for i in indices]
@@ -364,28 +370,36 @@ class SearchSpace:
         return idx
 
     def is_valid(self, indices: Iterable[int]) -> bool:
-        """Whether removing the groups ``indices`` keeps the output reachable from the input.
+        """Whether removing the groups ``indices`` keeps every input-output pair connected.
 
-        Host function; O(|V_s| + |E_s|). A removed structure outputs a constant (zero), so a
-        joint left with constant inputs only becomes constant, and the network stays valid as
-        long as the output still depends on an input (Algorithm 3, line 8).
+        Host function; O(P (|V_s| + |E_s|)) for P inputs. A removed structure outputs a constant
+        (zero), so a joint left with constant inputs only becomes constant. The set is valid iff
+        every (input leaf, output leaf) pair connected in the full network (``io_pairs``) is
+        still connected; with one input and one output this is Algorithm 3, line 8.
         """
         removed = {self.groups[i].segment for i in self._check_indices(indices)}
         g = self.segment_graph.graph
-        seen = set(self._sources)
-        stack = list(self._sources)
-        while stack:
-            s = stack.pop()
-            for w in g.successors(s):
-                if w not in seen and w not in removed:
-                    seen.add(w)
-                    stack.append(w)
-        return self.segment_graph.output in seen
+        targets: dict[int, set[int]] = {}
+        for s, t in self.io_pairs:
+            targets.setdefault(s, set()).add(t)
+        for source, needed in targets.items():
+            seen = {source}
+            stack = [source]
+            while stack:
+                s = stack.pop()
+                for w in g.successors(s):
+                    if w not in seen and w not in removed:
+                        seen.add(w)
+                        stack.append(w)
+            if not needed <= seen:
+                return False
+        return True
 
     def is_valid_mask(self, removed: jax.Array) -> jax.Array:
         """``is_valid`` for a boolean mask over groups, usable inside ``jit``/``pmap``.
 
-        One ``lax.fori_loop`` over the segments in topological order, O(|V_s| * max in-degree).
+        One ``lax.fori_loop`` over the segments in topological order, carrying which inputs
+        reach each segment: O(|V_s| * max in-degree * inputs).
         """
         removed = jnp.asarray(removed, dtype=bool).reshape(-1)
         if removed.shape[0] != self.num_groups:
@@ -394,17 +408,9 @@ class SearchSpace:
         # index num_groups (a padded False) stands for "not a removal structure"
         padded = jnp.concatenate([removed, jnp.zeros(1, bool)])
         dead = padded[jnp.asarray(self._group_topo)]
-        preds = jnp.asarray(self._preds_topo)
-        sources = jnp.asarray(self._is_source_topo)
-
-        def body(i, alive):
-            p = preds[i]
-            reach = jnp.any(jnp.where(p >= 0, alive[jnp.maximum(p, 0)], False))
-            a = (sources[i] | reach) & ~dead[i]
-            return alive.at[i].set(a)
-
-        alive = jax.lax.fori_loop(0, len(self._topo), body, jnp.zeros(len(self._topo), bool))
-        return alive[self._output_topo]
+        return pairs_connected(jnp.asarray(self._preds_topo), jnp.asarray(self._source_column_topo),
+                               dead, jnp.asarray(self._pair_target_topo),
+                               jnp.asarray(self._pair_column), self._num_sources)
 
     # -- variables -----------------------------------------------------------------------------
     def _leaves(self, variables: Any) -> list[Any]:
@@ -505,6 +511,51 @@ class SearchSpace:
 
     def _leaf_shape(self, i: int) -> tuple[int, ...]:
         return self.trace.program.shape(self.trace.program.leaf_vars[i])
+
+
+def io_pairs(segment_graph: SegmentGraph) -> list[tuple[int, int]]:
+    """(input segment, segment producing an output leaf) pairs connected in the full network.
+
+    Every output leaf computed from an input is produced by the tail of one segment; validity
+    requires each such pair to stay connected. O(inputs * (|V_s| + |E_s|)).
+    """
+    sg = segment_graph
+    t = sg.trace
+    prog = t.program
+    targets: list[int] = []
+    for x in prog.outvars:
+        if isinstance(x, int) and x in prog.data and x in prog.producer:
+            targets.append(sg.segment_of[t.vertex_of_op[prog.producer[x]]])
+    targets = list(dict.fromkeys(targets))
+    pairs = []
+    for s in sg.inputs:
+        below = nx.descendants(sg.graph, s)
+        pairs.extend((s, tgt) for tgt in targets if tgt in below)
+    return pairs
+
+
+def pairs_connected(preds: jax.Array, source_column: jax.Array, dead: jax.Array,
+                    pair_target: jax.Array, pair_column: jax.Array,
+                    num_sources: int) -> jax.Array:
+    """Whether every pair stays connected with the ``dead`` nodes deleted (jittable).
+
+    Nodes are numbered in a topological order. ``preds[i]``: predecessors of node ``i`` padded
+    with -1; ``source_column[i]``: the column of node ``i`` if it is a source, else -1; pair ``p``
+    needs node ``pair_target[p]`` reached from the source of column ``pair_column[p]``, one of
+    ``num_sources`` columns. One ``lax.fori_loop`` over the nodes, O(|V| * max in-degree * sources).
+    """
+    n = preds.shape[0]
+    width = max(num_sources, 1)
+    columns = jnp.arange(width)
+
+    def body(i, reach):
+        p = preds[i]
+        from_preds = jnp.any(jnp.where((p >= 0)[:, None], reach[jnp.maximum(p, 0)], False), 0)
+        row = ((source_column[i] == columns) | from_preds) & ~dead[i]
+        return reach.at[i].set(row)
+
+    reach = jax.lax.fori_loop(0, n, body, jnp.zeros((n, width), bool))
+    return jnp.all(reach[pair_target, pair_column])
 
 
 def _human(x: float) -> str:

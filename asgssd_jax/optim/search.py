@@ -1,8 +1,8 @@
 """In-graph hierarchical search (Algorithm 3, lines 3-10) over a segment graph.
 
 H2SPG runs the search once, inside the jitted update, at the end of warm-up. Validity is
-Algorithm 3's: with the removed structures deleted from the segment graph, the output is still
-reachable from an input. The graph is turned into static arrays at construction
+Algorithm 3's, for every input and output: with the removed structures deleted from the segment
+graph, every (input leaf, output leaf) pair connected in the full network is still connected. The graph is turned into static arrays at construction
 (:class:`SearchGraph`); :func:`hierarchical_search` is pure ``jnp``/``lax`` over them, so it runs
 under ``jit``, ``pmap`` and sharding without touching the host.
 
@@ -14,6 +14,11 @@ such an edge lies on a path that avoids v, and any path that avoids v must cross
 position. So each candidate costs one vectorised O(|E_s|) test, and after an acceptance U is
 shrunk by peeling (a worklist of segments that lost their last useful predecessor or
 successor); every segment leaves U at most once.
+
+With several connected (input, output) pairs (two heads, intermediate activations returned next
+to the logits, a second input such as a mask or a timestep), each candidate is instead tested by
+one pass over the segments in topological order carrying which inputs reach each segment
+(:func:`~asgssd_jax.search_space.pairs_connected`), O(|V_s| * max in-degree * inputs).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import networkx as nx
 import numpy as np
+
+from asgssd_jax.search_space import pairs_connected
 
 __all__ = ["SearchGraph", "hierarchical_search", "top_k_search"]
 
@@ -55,6 +62,13 @@ class SearchGraph:
         from it to the output, both ends included (``INF``: no path), ``int32[n + 1]``.
       min_kept: fewest groups on any input-to-output path; at most
         ``num_groups - min_kept`` groups can be removed together.
+      pair_target, pair_column, source_column, num_sources: with several connected
+        (input, output) pairs (else None): pair ``p`` needs position ``pair_target[p]`` reached
+        from the input of column ``pair_column[p]``; ``source_column`` gives each position's
+        column (-1: not an input).
+      reserve: with several pairs, ``bool[G]``, groups whose keeping makes removing all the
+        others valid (found on the host: a fewest-groups path per pair, paths sharing groups
+        where they can, then greedy removal); ``max_removable`` is the number of the others.
     """
 
     num_groups: int
@@ -73,17 +87,55 @@ class SearchGraph:
     dist_from_input: np.ndarray
     dist_to_output: np.ndarray
     min_kept: int
+    pair_target: np.ndarray | None = None
+    pair_column: np.ndarray | None = None
+    source_column: np.ndarray | None = None
+    num_sources: int = 0
+    reserve: np.ndarray | None = None
 
     @property
     def max_removable(self) -> int:
-        """The most groups that can be removed together with the output still reachable."""
+        """The most groups that can be removed together with the set still valid (with several
+        input-output pairs: the most the host's construction of ``reserve`` found)."""
+        if self.reserve is not None:
+            return self.num_groups - int(self.reserve.sum())
         return self.num_groups - self.min_kept
 
     @classmethod
     def from_space(cls, space: Any) -> SearchGraph:
-        """From a :class:`~asgssd_jax.SearchSpace`'s segment graph and groups."""
+        """From a :class:`~asgssd_jax.SearchSpace`'s segment graph, groups and input-output
+        pairs."""
         sg = space.segment_graph
-        return cls.from_graph(sg.graph, sg.inputs, sg.output, [g.segment for g in space.groups])
+        nodes = [g.segment for g in space.groups]
+        pairs = list(space.io_pairs)
+        if len(pairs) > 1:
+            return cls.from_pairs(sg.graph, pairs, nodes)
+        return cls.from_graph(sg.graph, sg.inputs, sg.output, nodes)
+
+    @classmethod
+    def from_pairs(cls, graph: nx.DiGraph, pairs: Sequence[tuple[Hashable, Hashable]],
+                   group_nodes: Sequence[Hashable]) -> SearchGraph:
+        """From any DAG and the (input, output) node pairs that must stay connected.
+
+        O(P (|V| log |V| + |E|)) for the reserve, plus O(G) host validity checks.
+        """
+        pairs = list(pairs)
+        sources = list(dict.fromkeys(s for s, _ in pairs))
+        sink = ("__outputs__",)
+        joined = graph.copy()
+        joined.add_edges_from((t, sink) for _, t in pairs)
+        base = cls.from_graph(joined, sources, sink, group_nodes)
+        pos = _positions(joined, sources)
+        n = base.num_nodes
+        column = np.full(n, -1, np.int32)
+        column[[pos[s] for s in sources]] = np.arange(len(sources))
+        return dataclasses.replace(
+            base,
+            pair_target=np.array([pos[t] for _, t in pairs], np.int32),
+            pair_column=np.array([sources.index(s) for s, _ in pairs], np.int32),
+            source_column=column, num_sources=len(sources),
+            reserve=_reserve(graph, pairs, list(group_nodes)),
+        )
 
     @classmethod
     def from_graph(cls, graph: nx.DiGraph, inputs: Iterable[Hashable], output: Hashable,
@@ -96,10 +148,8 @@ class SearchGraph:
         if not nx.is_directed_acyclic_graph(graph):
             raise ValueError("the segment graph has a cycle; hierarchical search needs a DAG")
         inputs = list(inputs)
-        sources = set(inputs)
-        topo = list(nx.topological_sort(graph))
-        order = [v for v in topo if v in sources] + [v for v in topo if v not in sources]
-        pos = {v: i for i, v in enumerate(order)}
+        pos = _positions(graph, inputs)
+        order = sorted(pos, key=pos.get)
         n = len(order)
         succ_lists = [[pos[w] for w in graph.successors(v)] for v in order]
         pred_lists = [[pos[w] for w in graph.predecessors(v)] for v in order]
@@ -148,6 +198,91 @@ class SearchGraph:
             dist_from_input=ds.astype(np.int32), dist_to_output=dt.astype(np.int32),
             min_kept=int(ds[out]),
         )
+
+
+def _positions(graph: nx.DiGraph, inputs: Sequence[Hashable]) -> dict[Hashable, int]:
+    """A topological numbering with the inputs first."""
+    sources = set(inputs)
+    topo = list(nx.topological_sort(graph))
+    order = [v for v in topo if v in sources] + [v for v in topo if v not in sources]
+    return {v: i for i, v in enumerate(order)}
+
+
+def _host_valid(graph: nx.DiGraph, pairs, removed: set[Hashable]) -> bool:
+    targets: dict[Hashable, set[Hashable]] = {}
+    for s, t in pairs:
+        targets.setdefault(s, set()).add(t)
+    for source, needed in targets.items():
+        seen = {source}
+        stack = [source]
+        while stack:
+            for w in graph.successors(stack.pop()):
+                if w not in seen and w not in removed:
+                    seen.add(w)
+                    stack.append(w)
+        if not needed <= seen:
+            return False
+    return True
+
+
+def _reserve(graph: nx.DiGraph, pairs, group_nodes: list[Hashable]) -> np.ndarray:
+    """Groups to keep so that removing all the others is valid, found greedily: per pair a
+    path through the fewest groups not kept yet, then each kept group removed if it can be."""
+    group_of = {v: i for i, v in enumerate(group_nodes)}
+    kept: set[Hashable] = set()
+    for s, t in pairs:
+        path = nx.dijkstra_path(
+            graph, s, t, weight=lambda u, v, d: 1 if v in group_of and v not in kept else 0)
+        kept.update(v for v in path if v in group_of)
+    removed = set(group_nodes) - kept
+    for v in sorted(kept, key=group_of.get):
+        if _host_valid(graph, pairs, removed | {v}):
+            removed.add(v)
+    reserve = np.zeros(len(group_nodes), bool)
+    reserve[[group_of[v] for v in group_nodes if v not in removed]] = True
+    return reserve
+
+
+def _greedy_pairs(graph: SearchGraph, order: jax.Array, k: jax.Array) -> jax.Array:
+    """Algorithm 3's greedy pass with every input-output pair's connectivity as validity. When
+    it ends below ``k``, a second pass keeps ``removed`` plus the unvisited groups outside
+    ``graph.reserve`` valid at every step, so it reaches ``min(k, max_removable)``."""
+    n = graph.num_nodes
+    pred = graph.pred[:n]
+    preds = jnp.asarray(np.where(pred == n, -1, pred))
+    column, target = jnp.asarray(graph.source_column), jnp.asarray(graph.pair_target)
+    pair_column = jnp.asarray(graph.pair_column)
+    group_node = jnp.asarray(graph.group_node)
+    reserve = jnp.asarray(graph.reserve)
+    num = graph.num_groups
+
+    def valid(removed):
+        dead = jnp.zeros(n, bool).at[group_node].set(removed)
+        return pairs_connected(preds, column, dead, target, pair_column, graph.num_sources)
+
+    def first(c):
+        i, count, removed = c
+        trial = removed.at[order[i]].set(True)
+        ok = valid(trial)
+        return i + 1, count + ok.astype(jnp.int32), jnp.where(ok, trial, removed)
+
+    def second(c):
+        i, count, removed, unvisited = c
+        g = order[i]
+        unvisited = unvisited.at[g].set(False)
+        trial = removed.at[g].set(True)
+        ok = ~reserve[g] | valid(trial | (unvisited & ~reserve))
+        return (i + 1, count + ok.astype(jnp.int32), jnp.where(ok, trial, removed), unvisited)
+
+    def go_on(c):
+        return (c[0] < num) & (c[1] < k)
+
+    _, count, removed = jax.lax.while_loop(
+        go_on, first, (jnp.int32(0), jnp.int32(0), jnp.zeros(num, bool)))
+    return jax.lax.cond(
+        count >= k, lambda: removed,
+        lambda: jax.lax.while_loop(go_on, second, (jnp.int32(0), jnp.int32(0),
+                                                   jnp.zeros(num, bool), jnp.ones(num, bool)))[2])
 
 
 def _greedy_valid(graph: SearchGraph, order: jax.Array, k: jax.Array):
@@ -256,7 +391,8 @@ def hierarchical_search(graph: SearchGraph, saliency: jax.Array, k: jax.Array | 
     set stays valid and |G_r| < K. K is capped at ``graph.max_removable``. When that greedy
     pass ends below K (it kept a path through many groups), the pass is redone accepting only
     candidates that keep K reachable, so |G_r| = min(K, max_removable) always; whenever the
-    first pass reaches K the two agree.
+    first pass reaches K the two agree. With several connected (input, output) pairs, validity
+    is every pair's connectivity (:func:`_greedy_pairs`).
 
     Jittable. Time: O(G |E_s|) vectorised work plus an O(|V_s| + |E_s|) worklist for the first
     pass; the second pass, when needed, adds O(depth) vectorised rounds per acceptance.
@@ -273,6 +409,8 @@ def hierarchical_search(graph: SearchGraph, saliency: jax.Array, k: jax.Array | 
         return jnp.zeros(0, bool)
     k = jnp.minimum(jnp.asarray(k, jnp.int32), graph.max_removable)
     order = jnp.argsort(saliency, stable=True).astype(jnp.int32)
+    if graph.reserve is not None:
+        return _greedy_pairs(graph, order, k)
     removed, count = _greedy_valid(graph, order, k)
     return jax.lax.cond(count >= k, lambda: removed, lambda: _greedy_feasible(graph, order, k))
 
