@@ -24,11 +24,17 @@ Batches are float32 NHWC in [0, 1] with int32 labels, or float32 soft labels ``[
 MixUp. They are a pure function of ``(seed, epoch)``: a resumed run passes the same two and
 ``start_batch``. With ``num_shards=k`` each of k processes gets its slice of every global
 batch, exactly the rows it would get from the unsharded batch (augmentation included).
+
+The pipeline runs on grain: ``epoch_dataset`` is a ``grain.MapDataset`` whose element ``b`` is
+batch ``b`` of the epoch (random access, a function of its index alone), and ``batches`` reads
+it through grain's prefetching threads (``num_threads``) and worker processes
+(``num_workers``), returning grain's checkpointable iterator (``get_state``/``set_state``).
+Splits are grain random-access sources: TFDS ArrayRecord through ``tfds.data_source``, the
+TFRecord files through the reader here.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -40,6 +46,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import grain
 import numpy as np
 
 __all__ = [
@@ -52,6 +59,7 @@ __all__ = [
     "RecordSplit",
     "Split",
     "batches",
+    "epoch_dataset",
     "load",
     "num_batches",
     "resize",
@@ -141,8 +149,10 @@ class RecordSplit:
     def take(self, indices, keys=None):
         examples = self.records.__getitems__([int(i) for i in indices])
         keys = [None] * len(examples) if keys is None else keys
-        decode = functools.partial(_decode_crop, shape=self.image_shape)
-        images = list(_thread_pool().map(decode, [e[self.image_key] for e in examples], keys))
+        # grain decodes several batches at once (its threads and processes): one batch is
+        # decoded in order
+        images = [_decode_crop(e[self.image_key], k, self.image_shape)
+                  for e, k in zip(examples, keys)]
         labels = np.asarray([e[self.label_key] for e in examples], np.int32)
         return np.stack(images), labels
 
@@ -223,6 +233,35 @@ def num_batches(split: Split, batch_size: int, *, drop_remainder: bool = True) -
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
+def epoch_dataset(
+    split: Split,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    augment: Augment | None = None,
+    mixup_alpha: float = 0.0,
+    drop_remainder: bool = True,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> grain.MapDataset:
+    """One epoch as a ``grain.MapDataset`` of ``(x, y)`` batches: element ``b`` is batch ``b``,
+    a pure function of ``(seed, epoch, b)``. The arguments are those of :func:`batches`."""
+    if batch_size <= 0 or batch_size % num_shards:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of "
+                         f"num_shards {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} must be in [0, {num_shards})")
+    if min(seed, epoch) < 0 or mixup_alpha < 0:
+        raise ValueError("seed, epoch, start_batch and mixup_alpha must be >= 0")
+    n = len(split)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    count = num_batches(split, batch_size, drop_remainder=drop_remainder)
+    return grain.MapDataset.range(count).map(_EpochBatch(
+        split, batch_size, order, seed, epoch, augment, mixup_alpha, num_shards, shard_index))
+
+
 def batches(
     split: Split,
     batch_size: int,
@@ -236,7 +275,9 @@ def batches(
     num_shards: int = 1,
     shard_index: int = 0,
     start_batch: int = 0,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    num_threads: int | None = None,
+    num_workers: int = 0,
+) -> grain.DatasetIterator:
     """One epoch of ``(x, y)`` batches; a pure function of ``(seed, epoch)``.
 
     Args:
@@ -253,27 +294,39 @@ def batches(
       num_shards, shard_index: this process's rows of every global batch: rows
         ``[i * B / k, (i + 1) * B / k)`` (the last partial batch is split as evenly as possible).
       start_batch: skip the first batches of the epoch (to resume a run mid-epoch).
+      num_threads: grain threads preparing batches ahead (default: one for data in memory,
+        ``min(16, cpus)`` for a :class:`RecordSplit`, whose images are decoded per batch).
+      num_workers: grain worker processes (0: none), each with ``num_threads`` threads.
 
     Returns:
-      An iterator of ``(x, y)``: ``x`` float32 ``[B / num_shards, H, W, C]`` in [0, 1]; ``y``
-      int32 ``[B / num_shards]`` (float32 ``[B / num_shards, num_classes]`` with MixUp).
+      grain's iterator of ``(x, y)``: ``x`` float32 ``[B / num_shards, H, W, C]`` in [0, 1];
+      ``y`` int32 ``[B / num_shards]`` (float32 ``[B / num_shards, num_classes]`` with MixUp).
+      The batches do not depend on ``num_threads`` or ``num_workers``.
     """
-    if batch_size <= 0 or batch_size % num_shards:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of "
-                         f"num_shards {num_shards}")
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} must be in [0, {num_shards})")
-    if min(seed, epoch, start_batch) < 0 or mixup_alpha < 0:
+    if start_batch < 0:
         raise ValueError("seed, epoch, start_batch and mixup_alpha must be >= 0")
-    n = len(split)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    count = num_batches(split, batch_size, drop_remainder=drop_remainder)
-    # A generator expression rather than `yield`, so that the checks above run at the call.
-    return (
-        _batch(split, order[b * batch_size:(b + 1) * batch_size], num_shards, shard_index,
-               np.random.default_rng([seed, epoch, b]), augment, mixup_alpha)
-        for b in range(start_batch, count)
-    )
+    if num_workers < 0 or (num_threads is not None and num_threads < 1):
+        raise ValueError(f"num_workers must be >= 0 and num_threads >= 1, got {num_workers} "
+                         f"and {num_threads}")
+    dataset = epoch_dataset(split, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                            augment=augment, mixup_alpha=mixup_alpha,
+                            drop_remainder=drop_remainder, num_shards=num_shards,
+                            shard_index=shard_index)[start_batch:]
+    if num_threads is None:
+        num_threads = min(16, os.cpu_count() or 1) if isinstance(split, RecordSplit) else 1
+    # a small buffer: batches of large images are big, and prefetching more buys nothing
+    loader = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=max(2, num_threads)))
+    if num_workers:
+        from absl import flags
+
+        # grain 0.2.18's worker processes read an absl flag, which fails in a program that did
+        # not parse absl flags (fixed in later grain): their defaults are what we want
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        loader = loader.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=2))
+    return iter(loader)
 
 
 def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -288,6 +341,28 @@ def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- batching
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _EpochBatch:
+    """Batch ``b`` of an epoch, this shard's rows; picklable, for grain's worker processes."""
+
+    split: Any
+    batch_size: int
+    order: np.ndarray
+    seed: int
+    epoch: int
+    augment: Augment | None
+    mixup_alpha: float
+    num_shards: int
+    shard_index: int
+
+    def __call__(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        b = int(b)
+        indices = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+        return _batch(self.split, indices, self.num_shards, self.shard_index,
+                      np.random.default_rng([self.seed, self.epoch, b]), self.augment,
+                      self.mixup_alpha)
 
 
 def _batch(split, indices, num_shards, shard_index, rng, augment, mixup_alpha):
@@ -592,12 +667,6 @@ class _TFRecordRecords:
 
 
 # ---------------------------------------------------------------------------- image decoding
-
-
-@functools.cache
-def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
-    # PIL releases the GIL while decoding large images, so threads decode them in parallel.
-    return concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
 
 
 def _open_image(encoded: bytes, channels: int):

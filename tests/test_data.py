@@ -185,6 +185,33 @@ def test_shards_are_disjoint_slices_whose_union_is_the_global_batch(num_shards):
     assert sum(map(len, ids)) == len(set(np.concatenate(ids))) == 48
 
 
+def test_grain_threads_and_worker_processes_give_the_same_batches():
+    split = _indexed_split()
+    kwargs = dict(seed=5, epoch=3, augment=data.Augment(1), mixup_alpha=0.2)
+    reference = _epoch(split, **kwargs)
+    _assert_same(_epoch(split, num_threads=3, **kwargs), reference)
+    it = data.batches(split, 8, num_workers=2, **kwargs)
+    try:
+        _assert_same(list(it), reference)
+    finally:
+        it.close()
+
+
+def test_epoch_is_random_access_and_its_iterator_resumes_from_its_state():
+    split = _indexed_split()
+    kwargs = dict(seed=2, epoch=4, augment=data.Augment(1))
+    reference = _epoch(split, **kwargs)
+    dataset = data.epoch_dataset(split, 8, **kwargs)
+    assert len(dataset) == len(reference)
+    _assert_same([dataset[4], dataset[1]], [reference[4], reference[1]])
+    it = data.batches(split, 8, **kwargs)
+    _assert_same([next(it), next(it)], reference[:2])
+    state = it.get_state()
+    resumed = data.batches(split, 8, **kwargs)
+    resumed.set_state(state)
+    _assert_same(list(resumed), reference[2:])
+
+
 def test_batches_reject_bad_arguments():
     split = _indexed_split()
     with pytest.raises(ValueError, match="multiple of num_shards"):
