@@ -499,6 +499,9 @@ def sweep_one(name: str, batch: int, other_batch: int, seed: int) -> dict:
         row["gen_s"] = time.perf_counter() - t0
         row["groups"] = space.num_groups
         row["group_params"] = sum(g.num_params for g in space.groups)
+        excluded = getattr(space, "excluded", ())  # candidates failing zero-invariance
+        row["excluded"] = [{"params": list(ex.param_paths), "reason": ex.reason}
+                           for ex in excluded]
     except Exception as e:  # noqa: BLE001
         row["status"] = "error"
         row["note"] = f"{stage}: {_first_line(e)}"
@@ -506,7 +509,7 @@ def sweep_one(name: str, batch: int, other_batch: int, seed: int) -> dict:
         return row
     if space.num_groups == 0:
         row["status"] = "no groups"
-        row["note"] = why_empty(space)
+        row["note"] = "; ".join(x for x in (why_empty(space), _excluded_note(row)) if x)
         return row
     for label, chosen in zero_sets(space, seed):
         r = check_zero_set(space, case, chosen, probe)
@@ -532,8 +535,15 @@ def sweep_one(name: str, batch: int, other_batch: int, seed: int) -> dict:
                        f"at the traced batch {batch}: rel {at_traced:.1e}")
     else:
         row["status"] = "exact"
-    row["note"] = "; ".join(x for x in (row["note"], dropped) if x)
+    row["note"] = "; ".join(x for x in (row["note"], dropped, _excluded_note(row)) if x)
     return row
+
+
+def _excluded_note(row: dict) -> str:
+    if not row.get("excluded"):
+        return ""
+    reasons = Counter(ex["reason"] for ex in row["excluded"])
+    return "excluded: " + ", ".join(f"{n} x {k}" for k, n in reasons.most_common())
 
 
 def markdown(rows: list[dict], batch: int, other_batch: int) -> str:
