@@ -162,7 +162,8 @@ def _add_defaults_to_help(parser: argparse.ArgumentParser, defaults) -> None:
     the help does not say its default itself."""
     for action in parser._actions:
         value = getattr(defaults, action.dest, None)
-        if action.help and "default" not in action.help and value not in (None, False):
+        if action.help and "default" not in action.help and value is not None \
+                and value is not False:
             action.help += f" (default: {value})"
 
 
