@@ -56,14 +56,20 @@ def save_subnetwork(path: str | os.PathLike, sub: SubNetwork, variables: Any = N
     path = Path(path).absolute()
     meta, arrays = sub.plan.to_state()
     variables = sub.variables if variables is None else variables
-    variables = jax.tree_util.tree_map(np.asarray, variables)
+    leaves = sub.plan.kept_leaves(variables)
+    stored = {f"leaf_{i}": np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+              for i, x in zip(sub.plan.kept, leaves)}
     with ckptr:
         ckptr.save(path, ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables),
+            variables=ocp.args.StandardSave(stored),
             plan=ocp.args.JsonSave(meta),
             plan_arrays=ocp.args.StandardSave(arrays),
         ), force=force)
     return path
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
 
 
 def load_subnetwork(path: str | os.PathLike, apply_fn: Callable[..., Any]) -> SubNetwork:
@@ -92,7 +98,14 @@ def load_subnetwork(path: str | os.PathLike, apply_fn: Callable[..., Any]) -> Su
         ))
     arrays = {k: np.asarray(v) for k, v in restored["plan_arrays"].items()}
     plan = SubNetworkPlan.from_state(restored["plan"], arrays)
-    variables = jax.tree_util.tree_map(jnp.asarray, restored["variables"])
+    stored = restored["variables"]
+    kept = {}
+    for i in plan.kept:
+        x = jnp.asarray(stored[f"leaf_{i}"])
+        dtype = plan.leaf_avals[i].dtype
+        kept[i] = (jax.random.wrap_key_data(x, impl=dtype._impl)
+                   if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else x)
+    variables = plan.pruned(kept)
     sub = SubNetwork(plan=plan, apply_fn=apply_fn, attached=variables)
     if plan.sample_args is not None:  # fail now, not at the first call, on a wrong apply_fn
         jax.eval_shape(lambda v, *a: sub.apply(v, *a), variables, *plan.sample_args)

@@ -3,9 +3,15 @@
 A network is a tuple of nodes ``(kind, inputs, channels)``; input index -1 is the image. Unary
 blocks (conv-BN, pool-conv, dense over channels, activations, pools) and joins (add, sub,
 concat) are wired at random; nodes that the head does not use remain as dead branches.
+
+:func:`random_container` draws the kind of pytree the variables live in (linen's dict of
+collections, a flat dict, a tuple, a list, a dataclass, a custom registered node), and
+:func:`in_container` turns a linen network into a plain ``apply_fn`` of that container.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -134,3 +140,68 @@ def init_random(module, input_shape, seed: int = 0, batch: int = 2):
             leaf = base + 0.1 * jax.random.normal(sub, leaf.shape)
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Containers: the variables as the pytree a user may bring.
+
+CONTAINERS = ("linen", "flat_dict", "tuple", "list", "dataclass", "custom_node")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Packed:
+    """A dataclass pytree node: parameters and state as tuples of leaves."""
+
+    params: tuple
+    state: tuple
+
+
+class Node:
+    """A custom registered pytree node (like an equinox module) holding a list of leaves."""
+
+    def __init__(self, leaves, tag="node"):
+        self.leaves = list(leaves)
+        self.tag = tag
+
+
+jax.tree_util.register_pytree_node(
+    Node, lambda n: (n.leaves, n.tag), lambda tag, leaves: Node(leaves, tag))
+
+
+def random_container():
+    return st.sampled_from(CONTAINERS)
+
+
+def in_container(module, variables, kind: str):
+    """``(apply_fn, packed)``: ``module.apply`` as a plain function of ``variables`` packed as
+    ``kind`` (``"linen"``: the module's own apply and variables)."""
+    if kind == "linen":
+        return module.apply, variables
+    flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    leaves = [x for _, x in flat]
+    is_param = [getattr(p[0], "key", None) == "params" for p, _ in flat]
+    if kind == "flat_dict":
+        names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
+        packed = dict(zip(names, leaves))
+        unpack = lambda v: [v[n] for n in names]  # noqa: E731
+    elif kind in ("tuple", "list"):
+        packed = tuple(leaves) if kind == "tuple" else list(leaves)
+        unpack = list
+    elif kind == "dataclass":
+        packed = Packed(tuple(x for x, p in zip(leaves, is_param) if p),
+                        tuple(x for x, p in zip(leaves, is_param) if not p))
+
+        def unpack(v):
+            params, state = iter(v.params), iter(v.state)
+            return [next(params) if p else next(state) for p in is_param]
+    elif kind == "custom_node":
+        packed = Node(leaves)
+        unpack = lambda v: v.leaves  # noqa: E731
+    else:  # pragma: no cover
+        raise ValueError(kind)
+
+    def apply_fn(v, x, train: bool = False):
+        return module.apply(jax.tree_util.tree_unflatten(treedef, unpack(v)), x, train=train)
+
+    return apply_fn, packed

@@ -80,7 +80,7 @@ def test_restore_in_a_fresh_process(demonet_sub, tmp_path):
     np.save(tmp_path / "x.npy", np.asarray(X))
     expected = np.asarray(sub.apply(sub.variables, X))
     _run(f"""
-        import numpy as np, models, asgssd_jax as ag
+        import numpy as np, asgssd_zoo as models, asgssd_jax as ag
         sub = ag.load_subnetwork({str(path)!r}, models.create("demonet").apply)
         np.save("y.npy", np.asarray(sub.apply(sub.variables, np.load("x.npy"))))
         """, tmp_path)
@@ -111,7 +111,7 @@ def test_exported_artifact_runs_without_model_code(demonet_sub, tmp_path):
         exp = jax.export.deserialize(bytearray(data["exported"]))
         y = exp.call(data["variables"], np.load("x.npy"))
         np.save("y.npy", np.asarray(y))
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("models", "asgssd_jax")))
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("asgssd_zoo", "asgssd_jax")))
         """, tmp_path)
     assert out.strip() == "[]"
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), jax.jit(sub.apply)(sub.variables, X),
