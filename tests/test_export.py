@@ -58,7 +58,9 @@ def test_orbax_saves_fine_tuned_variables(demonet_sub, tmp_path):
     _equal_trees(restored.variables, tuned)
     with pytest.raises(ValueError, match="exists"):
         ag.save_subnetwork(tmp_path / "tuned", sub, tuned)  # no silent overwrite
-    ag.save_subnetwork(tmp_path / "tuned", sub, force=True)
+    ag.save_subnetwork(tmp_path / "tuned", sub, force=True)  # overwrites with sub.variables
+    _equal_trees(ag.load_subnetwork(path, models.create("demonet").apply).variables,
+                 sub.variables)
 
 
 def test_restore_needs_the_same_model_definition(demonet_sub, tmp_path):

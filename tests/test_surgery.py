@@ -483,3 +483,7 @@ def test_relative_difference():
         pytest.approx(0.25)
     assert relative_difference(a, {"y": np.array([1.0]), "z": np.array([2.0])}) == float("inf")
     assert relative_difference(a, {"y": a["y"]}) == float("inf")
+    # a NaN or Inf where the other has a number is no agreement
+    assert relative_difference(np.ones(3), np.array([1, np.nan, 1.0])) == float("inf")
+    assert relative_difference(np.array([1, np.inf]), np.array([1, 2.0])) == float("inf")
+    assert relative_difference(np.array([1, np.nan]), np.array([1, np.nan])) == 0.0

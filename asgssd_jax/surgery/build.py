@@ -286,7 +286,7 @@ def _reconcile(mode_plans: list[ModePlan], paths: Sequence[str], unavailable: di
 def relative_difference(ref: Any, got: Any) -> float:
     """max |ref - got| / max |ref| over the leaves of two output trees (in float64): how far a
     sub-network's outputs are from the zeroed full network's. ``inf`` if the structures or
-    shapes differ."""
+    shapes differ, or if the non-finite entries (NaN, Inf) are not the same in both."""
     ref_leaves, got_leaves = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)
     if len(ref_leaves) != len(got_leaves):
         return float("inf")
@@ -295,6 +295,11 @@ def relative_difference(ref: Any, got: Any) -> float:
         r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
         if r.shape != g.shape:
             return float("inf")
+        finite = np.isfinite(r)
+        if not np.array_equal(finite, np.isfinite(g)) or not np.array_equal(
+                r[~finite], g[~finite], equal_nan=True):
+            return float("inf")
+        r, g = r[finite], g[finite]
         worst = max(worst, float(np.max(np.abs(r - g), initial=0.0)
                                  / (np.max(np.abs(r), initial=0.0) + 1e-12)))
     return worst
