@@ -3,9 +3,11 @@
 Two formats:
 
 * an **orbax checkpoint** (:func:`save_subnetwork` / :func:`load_subnetwork`): the sub-network's
-  plan (what is kept, sliced and folded, as JSON plus arrays) and its variables. Restoring needs
-  the original model definition (its ``apply_fn``) and the checkpoint, nothing else: the plan is
-  re-applied to the model's traced program. The restored sub-network trains like the original.
+  plan (what is kept, sliced and folded, as JSON plus arrays; the user's treedef and leaf avals,
+  PRNG key dtypes included, pickled into it) and its kept leaves (keys as their key data).
+  Restoring needs the original model definition (its ``apply_fn``; the classes of custom pytree
+  nodes importable) and the checkpoint, nothing else: the plan is re-applied to the model's
+  traced program. The restored sub-network trains like the original.
 * a **jax.export artifact** (:func:`export_subnetwork` / :func:`load_exported`): the sub-network
   lowered to StableHLO with a symbolic batch dimension, stored with its variables in one file.
   It runs with any batch size in a process that has neither the model's code nor this library.
@@ -161,7 +163,8 @@ def export_subnetwork(
         lambda a: jax.ShapeDtypeStruct((batch, *np.shape(a)[1:]), jnp.result_type(a)),
         sample_args)
     var_specs = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), variables)
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", None)
+                                       or jnp.result_type(a)), variables)
 
     def run(v, *args):
         return sub.apply(v, *args, **kwargs)
@@ -184,10 +187,14 @@ def export_subnetwork(
     if path is not None:
         from flax import serialization
 
+        host = jax.tree_util.tree_map(
+            lambda a: np.asarray(jax.random.key_data(a) if _is_key(a) else a), variables)
         blob = serialization.msgpack_serialize({
             "exported": bytes(exp.serialize()),
-            "variables": serialization.to_state_dict(
-                jax.tree_util.tree_map(np.asarray, variables)),
+            # readable without this library (dicts as they are, other nodes as dicts) ...
+            "variables": serialization.to_state_dict(host),
+            # ... and exactly, leaf by leaf, for load_exported (any pytree, PRNG keys)
+            "leaves": {str(k): x for k, x in enumerate(jax.tree_util.tree_leaves(host))},
         })
         Path(path).write_bytes(blob)
     return result
@@ -199,5 +206,10 @@ def load_exported(path: str | os.PathLike) -> ExportedSubNetwork:
 
     data = serialization.msgpack_restore(Path(path).read_bytes())
     exp = jax.export.deserialize(bytearray(data["exported"]))
-    variables = jax.tree_util.tree_map(jnp.asarray, data["variables"])
-    return ExportedSubNetwork(exp, variables)
+    tree = exp.in_tree.children()[0].children()[0]  # ((variables, *args), kwargs)
+    leaves = []
+    for k, aval in enumerate(exp.in_avals[:tree.num_leaves]):
+        x = jnp.asarray(data["leaves"][str(k)])
+        leaves.append(jax.random.wrap_key_data(x, impl=aval.dtype._impl)
+                      if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key) else x)
+    return ExportedSubNetwork(exp, jax.tree_util.tree_unflatten(tree, leaves))

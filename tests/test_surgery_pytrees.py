@@ -163,3 +163,21 @@ def test_kept_prng_key_leaf_round_trips(tmp_path):
                                   jax.random.key_data(sub.variables["key"]))
     np.testing.assert_array_equal(restored.apply(restored.variables, x3),
                                   sub.apply(sub.variables, x3))
+
+
+def test_jax_export_of_a_tuple_container(tmp_path):
+    """The exported artifact reloads with the sub-network's own tree (a tuple with None)."""
+    pack, get = CONTAINERS["tuple"]
+    variables = pack({k: jnp.asarray(a, jnp.float32) for k, a in named_arrays(2).items()})
+    apply_fn = two_branch(get)
+    x = jax.random.normal(jax.random.key(6), (2, 5))
+    space = ag.generate_search_space(apply_fn, variables, x)
+    (g,) = [gr.index for gr in space.groups if "0" in gr.param_paths]
+    vz = space.zero_groups(variables, [g])
+    sub = ag.construct_subnetwork(space, vz)
+    ag.export_subnetwork(sub, x, path=tmp_path / "sub.jaxexp")
+    loaded = ag.load_exported(tmp_path / "sub.jaxexp")
+    assert jax.tree_util.tree_structure(loaded.variables) == \
+        jax.tree_util.tree_structure(sub.variables)
+    x4 = jax.random.normal(jax.random.key(7), (4, 5))
+    assert ag.relative_difference(apply_fn(vz, x4), loaded(x4)) <= RTOL
