@@ -13,8 +13,11 @@ Two contractions make vertices read like operators, as in the paper's pictures:
 * a fan-out that reconverges in a *non-tolerant* joint (``mul``, ``div``, ``dot_general`` of two
   activations, ...) inside a single-entry single-exit region is one operator: ``silu``'s
   ``x * sigmoid(x)``, softmax, LayerNorm, a squeeze-and-excitation gate, an attention block.
-  Regions that contain a removal-tolerant joint fed by parameterised branches are kept open so
-  that those branches stay searchable;
+  So is a non-tolerant joint with everything between it and its immediate dominator when
+  nothing there escapes (a norm on a residual stream). Regions that contain a removal-tolerant
+  joint fed by parameterised branches are kept open so that those branches stay searchable; an
+  add/sub/concatenate whose operands derive from one data value through parameter-free
+  operations (softmax's ``x - max(x)``) is a *self-joint*, not a tolerant joint;
 * consecutive operations of one Flax module call (same name stack) on a chain are merged. This
   merging never changes the segment graph.
 """
@@ -365,9 +368,12 @@ class TraceGraph:
       trainable: whether each leaf is a trainable parameter (the ``params`` collection for linen
         and NNX variables; every floating leaf for a plain parameter tree).
       inputs, output: ids of the input vertices and of the single output vertex.
+      self_joint_ops: add/sub/concatenate ops that combine one value with itself (softmax's
+        ``x - max(x)``): not removal-tolerant joints.
     """
 
-    def __init__(self, graph, vertices, program, leaf_paths, trainable, inputs, output, treedef):
+    def __init__(self, graph, vertices, program, leaf_paths, trainable, inputs, output, treedef,
+                 self_joint_ops: frozenset[int] = frozenset()):
         self.graph: nx.DiGraph = graph
         self.vertices: dict[int, Vertex] = vertices
         self.program: Program = program
@@ -376,6 +382,7 @@ class TraceGraph:
         self.inputs: list[int] = inputs
         self.output: int = output
         self.treedef = treedef
+        self.self_joint_ops = self_joint_ops
         self.vertex_of_op: dict[int, int] = {
             i: v.id for v in vertices.values() for i in v.ops
         }
@@ -390,13 +397,15 @@ class TraceGraph:
         return self.graph.in_degree(v) >= 2
 
     def is_tolerant_joint(self, v: int) -> bool:
-        """A joint whose operator is removal-tolerant (add, add_any, sub, concatenate)."""
+        """A joint whose operator is removal-tolerant (add, add_any, sub, concatenate) and that
+        joins two branches (not one value with itself, as softmax's ``x - max(x)``)."""
         if not self.is_joint(v):
             return False
         vert = self.vertices[v]
         if vert.kind != "op":
             return False
-        return self.program.ops[vert.ops[0]].name in TOLERANT_JOINTS
+        first = vert.ops[0]
+        return self.program.ops[first].name in TOLERANT_JOINTS and first not in self.self_joint_ops
 
 
 def _trainable_mask(paths: list[str], leaves: list[Any]) -> list[bool]:
@@ -507,8 +516,10 @@ def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
         return prog.ops[raw_ops[v][0]].name if kind[v] == "op" else kind[v]
 
     # 1. Single-entry single-exit regions closed by a non-tolerant joint become one operator.
+    has_params = {v: any(trainable[i] for i in raw_leaves[v]) for v in g.nodes}
+    self_joints = _self_joints(g, kind, first_prim, has_params)
     groups = _UnionFind(g.nodes)
-    _collapse_regions(g, kind, first_prim, raw_leaves, trainable, groups)
+    _collapse_regions(g, kind, first_prim, has_params, self_joints, groups)
     # 2. Chains inside one module call merge.
     stack_of = {v: prog.ops[raw_ops[v][0]].name_stack for v in g.nodes if kind[v] == "op"}
     for u in list(g.nodes):
@@ -518,7 +529,7 @@ def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
         if kind[w] == "op" and g.in_degree(w) == 1 and stack_of[u] == stack_of[w]:
             groups.union(u, w)
     return _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inputs,
-                     output, treedef)
+                     output, treedef, frozenset(raw_ops[v][0] for v in self_joints))
 
 
 class _UnionFind:
@@ -543,7 +554,46 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
-def _collapse_regions(g, kind, first_prim, raw_leaves, trainable, groups) -> None:
+def _self_joints(g, kind, first_prim, has_params) -> set[int]:
+    """Add/sub/concatenate vertices whose operands all derive from one data value through
+    parameter-free operations: softmax's ``x - stop_gradient(max(x))``, a norm's
+    ``x - mean(x)``, tanh-GELU's ``x + 0.044715 x^3``, RoPE's rotation. Such a vertex combines a
+    value with itself, not two branches, so it is not a removal-tolerant joint.
+
+    The one value is the vertex's immediate dominator; every vertex strictly between the two
+    must own no trainable parameter. O(|V| + |E|) for the dominators plus a backward walk per
+    joint that stops at the first parameterised vertex.
+    """
+    joints = [v for v in g.nodes
+              if kind[v] == "op" and g.in_degree(v) >= 2 and first_prim(v) in TOLERANT_JOINTS]
+    if not joints:
+        return set()
+    source = "__source__"
+    fwd = g.copy()
+    fwd.add_edges_from((source, v) for v in g.nodes if g.in_degree(v) == 0)
+    idom = nx.immediate_dominators(fwd, source)
+    found = set()
+    for u in joints:
+        w = idom.get(u)
+        if w is None or w == source:
+            continue
+        stack = list(g.predecessors(u))
+        seen = {w}
+        ok = True
+        while stack and ok:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if has_params[x] or kind[x] != "op":
+                ok = False
+            stack.extend(g.predecessors(x))
+        if ok:
+            found.add(u)
+    return found
+
+
+def _collapse_regions(g, kind, first_prim, has_params, self_joints, groups) -> None:
     fanouts = [v for v in g.nodes if g.out_degree(v) > 1]
     if not fanouts:
         return
@@ -553,12 +603,11 @@ def _collapse_regions(g, kind, first_prim, raw_leaves, trainable, groups) -> Non
         if g.out_degree(v) == 0:
             rev.add_edge(sink, v)
     ipdom = nx.immediate_dominators(rev, sink)
-    has_params = {v: any(trainable[i] for i in raw_leaves[v]) for v in g.nodes}
     for v in fanouts:
         p = ipdom.get(v)
         if p is None or p == sink or kind[p] != "op":
             continue
-        if first_prim(p) in TOLERANT_JOINTS:
+        if first_prim(p) in TOLERANT_JOINTS and p not in self_joints:
             continue
         # the region: everything reached from v before p
         region: list[int] = []
@@ -581,19 +630,92 @@ def _collapse_regions(g, kind, first_prim, raw_leaves, trainable, groups) -> Non
         allowed = members | {v}
         if any(pred not in allowed for u in members for pred in g.predecessors(u)):
             continue  # not single-entry
-        if not _region_keeps_no_searchable_branch(g, region, members, v, first_prim, has_params):
+        if not _region_keeps_no_searchable_branch(g, region, members, v, first_prim, has_params,
+                                                  self_joints):
             continue
         for u in members:
             groups.union(p, u)
+    _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups, ipdom, sink)
 
 
-def _region_keeps_no_searchable_branch(g, region, members, entry, first_prim, has_params) -> bool:
+def _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups, ipdom,
+                            sink) -> None:
+    """A non-tolerant joint u and everything between its immediate dominator w and u become one
+    operator when nothing between leaves except through u, even where w also feeds other
+    operators: a norm on a residual stream (``x - mean(x)`` and the scale multiplied into
+    ``rsqrt(var + eps)``), attention whose q, k and v read the stream directly (post-norm and
+    parallel blocks). O(|V| + |E|) for the dominator trees plus a backward walk per joint that
+    stops at the first vertex u does not post-dominate."""
+    joints = [u for u in g.nodes
+              if kind[u] == "op" and g.in_degree(u) >= 2
+              and (first_prim(u) not in TOLERANT_JOINTS or u in self_joints)]
+    if not joints:
+        return
+    source = "__source__"
+    fwd = g.copy()
+    fwd.add_edges_from((source, v) for v in g.nodes if g.in_degree(v) == 0)
+    idom = nx.immediate_dominators(fwd, source)
+    tin, tout = _tree_intervals(ipdom, sink)
+    for u in joints:
+        w = idom.get(u)
+        if w is None or w == source:
+            continue
+        region: list[int] = []
+        seen = {w, u}
+        stack = list(g.predecessors(u))
+        ok = True
+        while stack:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if kind[x] != "op" or x not in tin or not tin[u] <= tin[x] <= tout[x] <= tout[u]:
+                ok = False  # x escapes the region (or is an input)
+                break
+            region.append(x)
+            stack.extend(g.predecessors(x))
+        if not ok or not region:
+            continue
+        members = set(region) | {u}
+        if not _region_keeps_no_searchable_branch(g, region, members, w, first_prim, has_params,
+                                                  self_joints):
+            continue
+        for x in region:
+            groups.union(u, x)
+
+
+def _tree_intervals(parent: dict, root) -> tuple[dict, dict]:
+    """DFS entry/exit times of the tree given by ``parent`` (x is below y iff y's interval
+    contains x's)."""
+    children: dict = {}
+    for x, p in parent.items():
+        if x != root:
+            children.setdefault(p, []).append(x)
+    tin: dict = {}
+    tout: dict = {}
+    clock = 0
+    stack = [(root, False)]
+    while stack:
+        x, done = stack.pop()
+        if done:
+            tout[x] = clock
+            continue
+        tin[x] = clock
+        clock += 1
+        stack.append((x, True))
+        stack.extend((c, False) for c in children.get(x, ()))
+    return tin, tout
+
+
+def _region_keeps_no_searchable_branch(g, region, members, entry, first_prim, has_params,
+                                       self_joints) -> bool:
     """False when a tolerant joint inside the region is fed by two parameterised branches."""
     sub = g.subgraph(members)
     upstream: dict[int, bool] = {}
     for u in nx.topological_sort(sub):
         upstream[u] = has_params[u] or any(upstream.get(q, False) for q in sub.predecessors(u))
-        if first_prim(u) in TOLERANT_JOINTS and g.in_degree(u) >= 2:
+        if (first_prim(u) in TOLERANT_JOINTS and g.in_degree(u) >= 2
+                and u not in self_joints):
             fed = sum(1 for q in g.predecessors(u) if q in members and upstream.get(q, False))
             if fed >= 2 or (fed >= 1 and has_params[entry]):
                 return False
@@ -601,7 +723,7 @@ def _region_keeps_no_searchable_branch(g, region, members, entry, first_prim, ha
 
 
 def _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inputs, output,
-              treedef) -> TraceGraph:
+              treedef, self_joint_ops) -> TraceGraph:
     members: dict[int, list[int]] = {}
     for v in g.nodes:
         members.setdefault(groups.find(v), []).append(v)
@@ -657,7 +779,7 @@ def _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inpu
         else:
             cg.add_edge(a, b, slots=d["slots"])
     return TraceGraph(cg, vertices, prog, paths, trainable,
-                      [new_id[i] for i in inputs], new_id[output], treedef)
+                      [new_id[i] for i in inputs], new_id[output], treedef, self_joint_ops)
 
 
 def _module_of(name_stack: str) -> str:
