@@ -323,10 +323,76 @@ def wav2vec2() -> Case:
     return Case("FlaxWav2Vec2ForCTC", apply_fn, model.params, inputs)
 
 
+def _equinox(model, name: str, inputs: Callable[[int, int], tuple]) -> Case:
+    """An equinox model as its users run it: arrays split off with ``eqx.partition`` (the
+    variables: the model's own pytree, ``None`` where a field is not an array), recombined
+    inside the function, vmapped over the batch."""
+    import equinox as eqx
+
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def apply_fn(params, x):
+        return jax.vmap(eqx.combine(params, static))(x)
+
+    return Case(name, apply_fn, params, inputs)
+
+
+def eqx_mlp() -> Case:
+    import equinox as eqx
+
+    class ResidualMLP(eqx.Module):
+        embed: eqx.nn.Linear
+        blocks: list
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k = jax.random.split(key, 4)
+            self.embed = eqx.nn.Linear(12, 16, key=k[0])
+            self.blocks = [(eqx.nn.LayerNorm(16),
+                            eqx.nn.MLP(16, 16, 32, depth=1, activation=jax.nn.gelu, key=kk))
+                           for kk in k[1:3]]
+            self.head = eqx.nn.Linear(16, 3, key=k[3])
+
+        def __call__(self, x):
+            h = self.embed(x)
+            for norm, mlp in self.blocks:
+                h = h + mlp(norm(h))
+            return self.head(h)
+
+    return _equinox(ResidualMLP(jax.random.key(0)), "equinox: residual MLP (eqx.nn.MLP)",
+                    lambda b, s: (_normal(s, b, 12),))
+
+
+def eqx_cnn() -> Case:
+    import equinox as eqx
+
+    class ResidualCNN(eqx.Module):
+        stem: eqx.nn.Conv2d
+        blocks: tuple
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k = jax.random.split(key, 6)
+            self.stem = eqx.nn.Conv2d(3, 8, 3, padding=1, key=k[0])
+            self.blocks = tuple((eqx.nn.Conv2d(8, 8, 3, padding=1, key=k[1 + 2 * i]),
+                                 eqx.nn.Conv2d(8, 8, 3, padding=1, key=k[2 + 2 * i]))
+                                for i in range(2))
+            self.head = eqx.nn.Linear(8, 3, key=k[5])
+
+        def __call__(self, x):  # one example, channels first (equinox's convention)
+            h = jax.nn.relu(self.stem(x))
+            for c1, c2 in self.blocks:
+                h = jax.nn.relu(h + c2(jax.nn.relu(c1(h))))
+            return self.head(jnp.mean(h, axis=(1, 2)))
+
+    return _equinox(ResidualCNN(jax.random.key(0)), "equinox: residual CNN (eqx.nn.Conv2d)",
+                    lambda b, s: (_normal(s, b, 3, 8, 8),))
+
+
 MODELS: dict[str, Callable[[], Case]] = {
     f.__name__: f
     for f in (resnet, regnet, vit, beit, dinov2, clip_vision, clip, bert, albert, distilbert,
-              gpt2, llama, t5, bart, whisper, wav2vec2)
+              gpt2, llama, t5, bart, whisper, wav2vec2, eqx_mlp, eqx_cnn)
 }
 
 
@@ -547,7 +613,7 @@ def _excluded_note(row: dict) -> str:
 
 
 def markdown(rows: list[dict], batch: int, other_batch: int) -> str:
-    head = ("| model | Flax class | params | \\|G_s\\| | params in G_s | generation (s) | "
+    head = ("| model | class | params | \\|G_s\\| | params in G_s | generation (s) | "
             f"zero sets | exact at batch {other_batch} | worst rel. | inputs kept | note |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in rows:

@@ -1,9 +1,11 @@
-"""HuggingFace transformers' Flax models through search space and surgery (a fast subset of
-``python -m benchmarks.compat``): tiny random configurations, traced at batch 2, every
-sub-network checked against the zeroed full network at batch 3."""
+"""Third-party models through search space and surgery (a fast subset of
+``python -m benchmarks.compat``): HuggingFace transformers' Flax models and equinox models, tiny
+random configurations, traced at batch 2, every sub-network checked against the zeroed full
+network at batch 3."""
 
 import functools
 
+import jax
 import pytest
 
 pytest.importorskip("transformers")
@@ -27,44 +29,43 @@ def _space(name):
     return case, space, probe
 
 
-def _assert_exact(space, case, chosen, probe):
+def _check(space, case, chosen, probe):
+    """The sub-network of the zero set ``chosen``: it runs, is smaller, equals the zeroed full
+    network at the traced and at another batch size, and reads every input the full network
+    reads."""
     r = compat.check_zero_set(space, case, chosen, probe)
     assert "failure" not in r, f"zero set {chosen}: {r['failure']}\n{r.get('traceback', '')}"
     assert r["rel_traced"] <= compat.EXACT, (chosen, r)
     assert r["rel_other"] <= compat.EXACT, (chosen, r)
     assert r["params_left"] < ag.count_params(case.variables)
+    assert r["inputs_dropped"] == [], (chosen, r)
     return r
 
 
-@pytest.mark.parametrize("name, num_groups", [
-    ("bert", 4),  # two layers x (self-attention branch, feed-forward branch)
-    ("resnet", 3),  # basic blocks with identity shortcuts, BatchNorm in batch_stats
+def _grouped(space, suffix):
+    return any(p.endswith(suffix) for g in space.groups for p in g.param_paths)
+
+
+@pytest.mark.parametrize("name, branches", [
+    # every residual branch's last layer is in some group
+    ("bert", [f"layer/{i}/{m}/dense/kernel" for i in (0, 1)
+              for m in ("attention/output", "output")]),
+    ("resnet", ["stages/0/layers/0/layer/layer_1/convolution/kernel",
+                "stages/1/layers/0/layer/layer_1/convolution/kernel",
+                "stages/1/layers/0/shortcut/convolution/kernel"]),  # a projection shortcut
 ])
-def test_sub_networks_exact_at_another_batch_size(name, num_groups):
+def test_sub_networks_exact_at_another_batch_size(name, branches):
     case, space, probe = _space(name)
-    assert space.num_groups == num_groups
+    assert all(_grouped(space, b) for b in branches), space.summary()
+    assert len(probe.redrawn) == len(probe.other)  # the full network reads every input
     sets = compat.zero_sets(space)
     singles = [s for label, s in sets if len(s) == 1]
-    assert len(singles) == num_groups  # each residual branch alone keeps the network valid
+    assert len(singles) == space.num_groups  # each residual branch alone can go
     changed = 0
     for _, chosen in sets:
-        r = _assert_exact(space, case, chosen, probe)
+        r = _check(space, case, chosen, probe)
         changed += r["rel_zeroing"] > 0
     assert changed == len(sets)  # zeroing a group changes the output: the check is not vacuous
-
-
-@pytest.mark.parametrize("name", [
-    "resnet",
-    pytest.param("bert", marks=pytest.mark.xfail(strict=True, reason=(
-        "is_valid accepts removing both attention branches (one input reaches the output), "
-        "after which the logits no longer read attention_mask: validity must keep every "
-        "(input, output) pair connected"))),
-])
-def test_greedy_maximal_zero_set_keeps_every_input(name):
-    case, space, probe = _space(name)
-    assert len(probe.redrawn) == len(case.inputs(OTHER, 0))  # the full network reads them all
-    r = compat.check_zero_set(space, case, compat.greedy_valid_set(space), probe)
-    assert r["inputs_dropped"] == []
 
 
 def test_weight_sharing_model_has_no_removal_structure_and_says_why():
@@ -74,23 +75,26 @@ def test_weight_sharing_model_has_no_removal_structure_and_says_why():
     assert "weight shared" in compat.why_empty(space)
 
 
-def test_weight_normalised_conv_is_excluded_and_the_rest_exact():
-    # wav2vec2's positional conv is weight-normalised, g * v / ||v||: 0/0 at zero.
-    case, space, probe = _space("wav2vec2")
-    assert not any("pos_conv_embed" in p for g in space.groups for p in g.param_paths)
-    assert any("pos_conv_embed" in p for ex in space.excluded for p in ex.param_paths)
-    assert space.num_groups == 4
-    _assert_exact(space, case, compat.greedy_valid_set(space), probe)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "sub.apply refuses a params tree with a top-level array (BART's final_logits_bias next to "
-    "'model'): ApplyScopeInvalidVariablesTypeError, the sub-network does not keep the user's "
-    "pytree"))
 def test_params_tree_with_a_top_level_array():
+    # BART's params: {"final_logits_bias": array, "model": {...}}
     case, space, probe = _space("bart")
-    assert space.num_groups > 0
-    _assert_exact(space, case, compat.greedy_valid_set(space), probe)
+    chosen = compat.greedy_valid_set(space)
+    _check(space, case, chosen, probe)
+    sub = ag.construct_subnetwork(space, space.zero_groups(case.variables, chosen))
+    assert set(sub.variables) == {"final_logits_bias", "model"}
+
+
+def test_equinox_module_keeps_its_own_pytree():
+    pytest.importorskip("equinox")
+    case, space, probe = _space("eqx_cnn")
+    assert space.num_groups == 2  # the two residual blocks
+    chosen = compat.greedy_valid_set(space)
+    assert chosen == (0, 1)  # the stem and the head still read the image
+    _check(space, case, chosen, probe)
+    sub = ag.construct_subnetwork(space, space.zero_groups(case.variables, chosen))
+    assert type(sub.variables) is type(case.variables)
+    assert jax.tree_util.tree_structure(sub.variables).num_leaves < len(
+        jax.tree_util.tree_leaves(case.variables))
 
 
 def test_sweep_reports_a_failing_model_instead_of_raising(monkeypatch):
