@@ -25,15 +25,20 @@ def _space(net):
     return ag.generate_search_space(module.apply, v, x, train=False)
 
 
-def _reachable_without(trace, removed_vertices) -> bool:
-    g = trace.graph.copy()
+def _connected_without(space, removed_vertices) -> bool:
+    """Every input still reaches every output leaf it reaches in the full trace graph."""
+    t = space.trace
+    full = t.graph
+    g = full.copy()
     g.remove_nodes_from(removed_vertices)
-    return any(nx.has_path(g, i, trace.output) for i in trace.inputs)
+    producers = list(full.predecessors(t.output))
+    return all(nx.has_path(g, i, p) for i in t.inputs for p in producers
+               if nx.has_path(full, i, p))
 
 
 @SETTINGS
-@given(random_network(), st.randoms(use_true_random=False))
-def test_segments_partition_and_structures_end_in_tolerant_joints(net, rnd):
+@given(random_network())
+def test_segments_partition_and_structures_end_in_tolerant_joints(net):
     space = _space(net)
     sg, t = space.segment_graph, space.trace
     # the segments partition the trace vertices
@@ -60,14 +65,14 @@ def test_segments_partition_and_structures_end_in_tolerant_joints(net, rnd):
 @given(random_network(), st.randoms(use_true_random=False))
 def test_is_valid_agrees_with_networkx_reachability(net, rnd):
     space = _space(net)
-    sg, t = space.segment_graph, space.trace
+    sg = space.segment_graph
     n = space.num_groups
     subsets = [[], list(range(n))]
     subsets += [sorted(rnd.sample(range(n), rnd.randint(0, n))) for _ in range(6)] if n else []
     check = jax.jit(space.is_valid_mask)
     for subset in subsets:
         removed = [v for i in subset for v in sg.segments[space.groups[i].segment].vertices]
-        expected = _reachable_without(t, removed)
+        expected = _connected_without(space, removed)
         assert space.is_valid(subset) == expected
         mask = np.zeros(max(n, 1), bool)[:n]
         mask[subset] = True
