@@ -301,8 +301,14 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
             baseline = {"eval_accuracy": dense_hist.epochs[-1]["eval_accuracy"],
                         "history": dense_hist.epochs}
 
+    zeroing = []  # per zeroed group: its step (1-based), test or safeguard, relative norm
     if "info" in last:
-        redundant, saliency = jax.device_get((last["info"].redundant, last["info"].saliency))
+        info = jax.device_get(last["info"])
+        redundant, saliency = info.redundant, info.saliency
+        zeroing = [{"group": int(g), "step": int(info.zero_step[g]) + 1,
+                    "by": "test" if info.zeroed_by_test[g] else "safeguard",
+                    "relative_norm": float(info.zero_relative_norm[g])}
+                   for g in np.flatnonzero(info.zero_groups)]
     else:  # a resumed run that had no step left to do
         redundant = np.zeros(space.num_groups, bool)
         saliency = np.zeros(space.num_groups, np.float32)
@@ -368,6 +374,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         "subnetwork": sub_report,
         "zero_groups": zero,
         "redundant_groups": [int(i) for i in np.flatnonzero(redundant)],
+        "zeroing": zeroing,
         "search_cost_seconds": _search_cost(space, saliency, k),
         "phases": {"steps_per_epoch": spe, "warmup_steps": cfg.warmup_epochs * spe,
                    "projection_steps": cfg.projection_epochs * spe, "total_steps": total},

@@ -96,6 +96,11 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
     ax.step([r["step"] for r in sp], [r["redundant"] for r in sp], where="post", ls="--",
             label="redundant (G_r)")
     ax.axhline(report["search_space"]["K"], color="grey", ls=":", label="K")
+    for by, marker in (("test", "o"), ("safeguard", "x")):
+        z = sorted(r["step"] for r in report.get("zeroing", []) if r["by"] == by)
+        if z:
+            ax.plot(z, [sum(r["step"] <= s for r in report["zeroing"]) for s in z], marker,
+                    ls="none", label=f"zeroed by the {'half-space test' if by == 'test' else by}")
     ax.set_xlabel("step")
     ax.set_ylabel("groups")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -140,6 +145,16 @@ def _save_figure(plt, fig, ax, path: Path) -> Path:
     return path
 
 
+def _zeroing_line(zeroing: list[dict[str, Any]]) -> str:
+    """When and how each group became zero: the half-space test, or the last projection
+    step's safeguard, with its norm then relative to its norm at the search."""
+    return "Zeroed: " + "; ".join(
+        f"g{r['group']} at step {r['step']} by the "
+        f"{'half-space test' if r['by'] == 'test' else 'safeguard (last projection step)'} "
+        f"(norm {r['relative_norm']:.3f} of its norm at the search)"
+        for r in sorted(zeroing, key=lambda r: (r["step"], r["group"]))) + "."
+
+
 def _m(x: float) -> str:
     return f"{x / 1e6:.3f}M"
 
@@ -173,6 +188,7 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         f"removal structures: K = {ss['K']}; zero groups after {opt}: "
         f"{', '.join(f'g{i}' for i in report['zero_groups']) or 'none'}.",
         "",
+        *([_zeroing_line(report["zeroing"]), ""] if report.get("zeroing") else []),
         "| | params | MACs | test accuracy |",
         "|---|---|---|---|",
         f"| full network ({opt}-trained) | {_m(full['params'])} | {_m(full['macs'])} | "
