@@ -1,4 +1,5 @@
-"""Compatibility sweep: HuggingFace transformers' Flax models through search space and surgery.
+"""Compatibility sweep: HuggingFace transformers' Flax models (and two equinox models) through
+search space and surgery.
 
     python -m benchmarks.compat                    # every model, a markdown table
     python -m benchmarks.compat bert vit           # some of them
@@ -9,7 +10,8 @@ Needs the ``compat`` extra (``pip install -e ".[compat]"``: transformers 4.57, t
 release with Flax models; it does not pull PyTorch). Every model is a small, randomly
 initialised configuration (hidden size 16, two layers, no weight download; the sweep sets
 ``HF_HUB_OFFLINE=1``), called the way a user calls it: a plain function of the model's own
-``params`` tree, ``lambda params, *inputs: model(*inputs, params=params, train=False)``.
+``params`` tree, ``lambda params, *inputs: model(*inputs, params=params, train=False)``; an
+equinox model as ``eqx.partition``'s arrays, recombined and vmapped inside the function.
 
 For each model the sweep generates the search space at batch ``--batch`` (default 2) and tries
 these zero sets: every single group that is valid, a random valid set of about half the groups
@@ -231,12 +233,14 @@ def distilbert() -> Case:
                             max_position_embeddings=32)
 
 
-def _causal_lm(cls_name: str, cfg) -> Case:
+def _causal_lm(cls_name: str, cfg, inference: dict | None = None) -> Case:
+    """``inference``: the keyword that selects inference mode (most take ``train=False``)."""
     T = _transformers()
     model = getattr(T, cls_name)(cfg, input_shape=(1, SEQ), seed=0)
+    mode = {"train": False} if inference is None else inference
 
     def apply_fn(params, input_ids, attention_mask):
-        return model(input_ids, attention_mask, params=params, train=False).logits
+        return model(input_ids, attention_mask, params=params, **mode).logits
 
     return Case(cls_name, apply_fn, model.params, lambda b, s: (_ids(b, s), _mask(b, s)))
 
@@ -323,6 +327,77 @@ def wav2vec2() -> Case:
     return Case("FlaxWav2Vec2ForCTC", apply_fn, model.params, inputs)
 
 
+# Beyond the list above: more of transformers' Flax families.
+
+
+def roberta() -> Case:
+    return _text_classifier("FlaxRobertaForSequenceClassification", "RobertaConfig", **TEXT)
+
+
+def electra() -> Case:
+    return _text_classifier("FlaxElectraForSequenceClassification", "ElectraConfig",
+                            embedding_size=8, **TEXT)
+
+
+def opt() -> Case:
+    T = _transformers()
+    return _causal_lm("FlaxOPTForCausalLM",
+                      T.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                  ffn_dim=32, num_attention_heads=2, max_position_embeddings=32,
+                                  word_embed_proj_dim=16),
+                      inference={"deterministic": True})
+
+
+def gpt_neo() -> Case:
+    T = _transformers()
+    return _causal_lm("FlaxGPTNeoForCausalLM",
+                      T.GPTNeoConfig(vocab_size=64, max_position_embeddings=32, hidden_size=16,
+                                     num_layers=2, attention_types=[[["global", "local"], 1]],
+                                     num_heads=2, intermediate_size=32, window_size=4))
+
+
+def mistral() -> Case:
+    T = _transformers()
+    return _causal_lm("FlaxMistralForCausalLM", T.MistralConfig(**TEXT, num_key_value_heads=1))
+
+
+def gemma() -> Case:
+    T = _transformers()
+    return _causal_lm("FlaxGemmaForCausalLM",
+                      T.GemmaConfig(**TEXT, num_key_value_heads=1, head_dim=8))
+
+
+def bloom() -> Case:
+    T = _transformers()
+    return _causal_lm("FlaxBloomForCausalLM",
+                      T.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2))
+
+
+def _bart_like(config_name: str):
+    T = _transformers()
+    return getattr(T, config_name)(
+        vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_position_embeddings=32)
+
+
+def mbart() -> Case:
+    return _seq2seq("FlaxMBartForConditionalGeneration", _bart_like("MBartConfig"))
+
+
+def pegasus() -> Case:
+    return _seq2seq("FlaxPegasusForConditionalGeneration", _bart_like("PegasusConfig"))
+
+
+def longt5() -> Case:
+    T = _transformers()
+    return _seq2seq("FlaxLongT5ForConditionalGeneration",
+                    T.LongT5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                   num_decoder_layers=2, num_heads=2, local_radius=2,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                   encoder_attention_type="local"))
+
+
 def _equinox(model, name: str, inputs: Callable[[int, int], tuple]) -> Case:
     """An equinox model as its users run it: arrays split off with ``eqx.partition`` (the
     variables: the model's own pytree, ``None`` where a field is not an array), recombined
@@ -392,7 +467,8 @@ def eqx_cnn() -> Case:
 MODELS: dict[str, Callable[[], Case]] = {
     f.__name__: f
     for f in (resnet, regnet, vit, beit, dinov2, clip_vision, clip, bert, albert, distilbert,
-              gpt2, llama, t5, bart, whisper, wav2vec2, eqx_mlp, eqx_cnn)
+              gpt2, llama, t5, bart, whisper, wav2vec2, roberta, electra, opt, gpt_neo,
+              mistral, gemma, bloom, mbart, pegasus, longt5, eqx_mlp, eqx_cnn)
 }
 
 
