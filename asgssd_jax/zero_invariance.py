@@ -6,15 +6,16 @@ gone". Two checks, both on the segment's own operations (and the static computat
 them, e.g. a weight-normalised kernel ``g * v / ||v||``):
 
 * symbolic: constant propagation of zeros (:func:`propagate_zeros`) from the group's leaves
-  through the segment proves that every output is data-independent;
-* numerical: the segment is evaluated twice with the group zeroed, on two random draws of its
-  data inputs; every output must be finite and identical between the draws.
+  through the segment proves that every output is data-independent (a zero operand of a
+  product or contraction against data gives exact zeros);
+* numerical: every data-independent value of the zeroed structure that is not an exact zero is
+  evaluated (constant folding: a softmax of zero scores, ``sigmoid(0)``, a weight-normalised
+  kernel's ``0/0``); none may be NaN and the outputs must be finite.
 
-When the propagation shows that every value the zeroed leaves reach is exactly zero (and no
-division has a zero-derived denominator), the structure computes exact zeros times the finite
-values of the full network, so the numerical check is implied and skipped: that is the case of
-convolutions, dense layers and normalisations, and keeps generation fast. Both checks cost
-O(ops of the segment and its static cone) per candidate.
+Data values never need evaluating, so the cost is O(ops of the segment and its static cone) on
+tensors of the structure's own sizes. Where a constant cannot be computed (an abstract PRNG
+key), the segment is instead evaluated on two random draws of its inputs; its outputs must be
+finite and identical.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def _literal_kind(x: Any) -> int:
 
 def _out_kind(op, ins: list[int]) -> int:
     name = op.name
-    if name in ZERO_KILLING and ZERO in ins[:2]:
+    # against data (finite, as in the full network) a zero operand gives exact zeros; against a
+    # constant the product is evaluated (0 * inf is NaN)
+    if name in ZERO_KILLING and ZERO in ins[:2] and DATA in ins[:2]:
         return ZERO
-    if name == "div" and ins[0] == ZERO and ins[1] != ZERO:
+    if name == "div" and ins[0] == ZERO and ins[1] == DATA:
         return ZERO
     values = ins[_VALUE_OPERANDS.get(name, slice(None))]
     preserving = name in ZERO_PRESERVING and (name != "integer_pow" or op.params["y"] > 0)
@@ -143,37 +146,98 @@ def check_zero_invariance(
 
     kinds = {v: (ZERO if v in zeroed else CONST) for v in program.leaf_vars}
     kinds.update({x: DATA for x in inputs})
-    kinds = propagate_zeros(program, [*cone, *ops], kinds)
-    depends = any(kinds[o] == DATA for o in outputs)
-    if not depends and all(kinds[o] == ZERO for o in outputs) and _exact(program, [*cone, *ops],
-                                                                          kinds, zeroed):
-        return None  # exact zeros times finite values: the numerical check is implied
-    reason = _evaluate(program, ops, cone, inputs, outputs, zeroed, leaves, seed)
-    if reason is None and depends:
-        reason = _DEPENDS
-    return reason
+    folded = _fold(program, [*cone, *ops], dict(kinds), zeroed, leaves)
+    if folded is None:  # a constant could not be computed (e.g. an abstract PRNG key)
+        kinds = propagate_zeros(program, [*cone, *ops], kinds)
+        reason = _evaluate(program, ops, cone, inputs, outputs, zeroed, leaves, seed)
+        depends = any(kinds[o] == DATA for o in outputs)
+        return _DEPENDS if reason is None and depends else reason
+    kinds, derived, values, read = folded
+    if any(_has_nan(values[x]) for x in read if x in derived) or any(
+            o in values and not _finite(values[o]) for o in outputs):
+        return _NOT_FINITE
+    return _DEPENDS if any(kinds[o] == DATA for o in outputs) else None
 
 
 _DEPENDS = "its output still depends on its input with the group at zero"
 _NOT_FINITE = "its output is not finite (NaN or Inf) with the group at zero"
 
 
-def _exact(program: Program, ops: Sequence[int], kinds: dict[int, int], zeroed: set[int]) -> bool:
-    """Whether every value the zeroed leaves reach is exactly zero and no division has a
-    zero-derived denominator: then the zeroed structure computes exact zeros."""
+def _inexact(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return jnp.issubdtype(np.result_type(x) if dtype is None else dtype, jnp.inexact)
+
+
+def _has_nan(x: Any) -> bool:
+    return _inexact(x) and bool(jnp.isnan(x).any())
+
+
+def _finite(x: Any) -> bool:
+    return not _inexact(x) or bool(jnp.isfinite(x).all())
+
+
+def _fold(program: Program, ops: Sequence[int], kinds: dict[int, int], zeroed: set[int],
+          leaves: Sequence[Any] | None):
+    """:func:`propagate_zeros` that also evaluates (eagerly) every data-independent value not
+    known to be exactly zero, so that a zero times a finite constant is known to be zero.
+
+    Returns the kinds, the zero-derived variables, the values computed and the computed values
+    that data operations read; None when a leaf value is unavailable.
+    """
+    leaf_ids = {v: i for i, v in enumerate(program.leaf_vars)}
+    values: dict[int, Any] = {}
+
+    def value(x):
+        if isinstance(x, jex_core.Literal):
+            return x.val
+        if x in values:
+            return values[x]
+        aval = program.avals[x]
+        if kinds.get(x, CONST) == ZERO:
+            v = jnp.zeros(aval.shape, aval.dtype)
+        elif x in leaf_ids:
+            v = _leaf_value(None if leaves is None else leaves[leaf_ids[x]], aval)
+        else:
+            v = program.consts.get(x)
+        if v is None:
+            raise LookupError(x)
+        values[x] = v
+        return v
+
+    finite: dict[int, bool] = {}
+
+    def finite_const(x) -> bool:
+        if isinstance(x, jex_core.Literal):
+            return _finite(x.val)
+        if x not in finite:
+            finite[x] = _finite(value(x))
+        return finite[x]
+
     derived = set(zeroed)
-    for i in ops:
-        op = program.ops[i]
-        reads = [isinstance(x, int) and x in derived for x in op.invars]
-        if not any(reads):
-            continue
-        if op.name == "div" and reads[1]:
-            return False
-        for o in op.outvars:
-            if kinds[o] != ZERO:
-                return False
-            derived.add(o)
-    return True
+    read: set[int] = set()
+    try:
+        for i in ops:
+            op = program.ops[i]
+            if any(isinstance(x, int) and x in derived for x in op.invars):
+                derived.update(op.outvars)
+            ins = [_literal_kind(x) if isinstance(x, jex_core.Literal) else kinds.get(x, CONST)
+                   for x in op.invars]
+            k = _out_kind(op, ins)
+            if (k == CONST and op.name in ZERO_KILLING and ZERO in ins[:2]
+                    and all(finite_const(x) for x, kx in zip(op.invars[:2], ins[:2])
+                            if kx == CONST)):
+                k = ZERO  # zero times a finite constant
+            for o in op.outvars:
+                kinds[o] = k
+            if k != CONST:  # data (not computable) or exact zeros
+                read.update(x for x, kx in zip(op.invars, ins)
+                            if isinstance(x, int) and kx == CONST)
+                continue
+            outs = op.primitive.bind(*[value(x) for x in op.invars], **op.params)
+            values.update(zip(op.outvars, outs if op.primitive.multiple_results else [outs]))
+    except LookupError:
+        return None
+    return kinds, derived, values, read
 
 
 def _evaluate(program: Program, ops, cone, inputs, outputs, zeroed, leaves, seed) -> str | None:

@@ -9,12 +9,15 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import networkx as nx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import asgssd_jax as ag
 from asgssd_jax.optim.h2spg import SparsityWarning, search_graph
-from asgssd_jax.optim.search import hierarchical_search
+from asgssd_jax.optim.search import SearchGraph, hierarchical_search
 
 
 class TwoHeads(nn.Module):
@@ -133,3 +136,37 @@ def test_single_input_and_output_is_algorithm_3(k):
     _check_all_subsets(space, lambda s: True)  # residual branches: every subset is valid
     graph, removed = _search(space, [0.0, 1.0], k)
     assert removed == list(range(k))
+
+
+def _connected(graph, pairs, removed):
+    g = graph.copy()
+    g.remove_nodes_from(removed)
+    return all(nx.has_path(g, s, t) for s, t in pairs)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_search_on_random_graphs_with_several_pairs(rnd):
+    n = 12
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(n))
+    for i in range(n):
+        for j in range(max(i + 1, 2), min(i + 5, n)):  # nodes 0 and 1 are the inputs
+            if rnd.random() < 0.5:
+                graph.add_edge(i, j)
+    pairs = [(s, t) for s in (0, 1) for t in (n - 2, n - 1)
+             if t in nx.descendants(graph, s)]
+    if len(pairs) < 2:
+        return
+    groups = sorted(rnd.sample(range(2, n - 2), 5))
+    sg = SearchGraph.from_pairs(graph, pairs, groups)
+    # the reserve is valid, and nothing larger than max_removable is (checked exhaustively)
+    assert _connected(graph, pairs, [v for i, v in enumerate(groups) if not sg.reserve[i]])
+    assert not any(_connected(graph, pairs, [groups[i] for i in subset])
+                   for subset in itertools.combinations(range(5), sg.max_removable + 1))
+    saliency = jnp.asarray([rnd.random() for _ in groups], jnp.float32)
+    search = jax.jit(hierarchical_search, static_argnums=0)
+    for k in (1, 3, 5):
+        removed = np.flatnonzero(search(sg, saliency, k))
+        assert len(removed) == min(k, sg.max_removable)
+        assert _connected(graph, pairs, [groups[i] for i in removed])
