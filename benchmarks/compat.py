@@ -712,6 +712,18 @@ def markdown(rows: list[dict], batch: int, other_batch: int) -> str:
     return "\n".join(lines)
 
 
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("transformers", "equinox", "jax", "flax", "asgssd-jax"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} absent")
+    return ", ".join(found)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -737,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = sweep_one(name, a.batch, a.other_batch, a.seed)
         print(f"{name}: {row['status']} {row['note']}", file=sys.stderr, flush=True)
         rows.append(row)
+    print(f"Traced at batch {a.batch}, checked at batch {a.other_batch}; {versions()}.\n")
     print(markdown(rows, a.batch, a.other_batch))
     if a.json:
         with open(a.json, "w") as f:
