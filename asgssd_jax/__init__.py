@@ -24,6 +24,7 @@ from asgssd_jax.optim import (
 from asgssd_jax.search_space import Group, SearchSpace, generate_search_space
 from asgssd_jax.segments import Segment, SegmentGraph, build_segment_graph
 from asgssd_jax.surgery import (
+    NNXSubNetwork,
     SubNetwork,
     SurgeryError,
     construct_subnetwork,
@@ -38,6 +39,7 @@ __all__ = [
     "Group",
     "H2SPGInfo",
     "H2SPGState",
+    "NNXSubNetwork",
     "SearchSpace",
     "Segment",
     "SegmentGraph",

@@ -70,6 +70,12 @@ def save_subnetwork(path: str | os.PathLike, sub: SubNetwork, variables: Any = N
     return path
 
 
+def _is_nnx_module(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Module)
+
+
 def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
 
@@ -80,7 +86,8 @@ def load_subnetwork(path: str | os.PathLike, apply_fn: Callable[..., Any]) -> Su
     Args:
       path: the checkpoint directory.
       apply_fn: the original network's ``apply_fn`` (e.g. ``models.create("demonet").apply``),
-        built with the same configuration as when the sub-network was constructed.
+        built with the same configuration as when the sub-network was constructed; for an NNX
+        sub-network, a module of the original class (its values are not used).
 
     Returns:
       The :class:`SubNetwork`, carrying the saved variables.
@@ -101,6 +108,12 @@ def load_subnetwork(path: str | os.PathLike, apply_fn: Callable[..., Any]) -> Su
     arrays = {k: np.asarray(v) for k, v in restored["plan_arrays"].items()}
     plan = SubNetworkPlan.from_state(restored["plan"], arrays)
     stored = restored["variables"]
+    nnx_vars = None
+    if _is_nnx_module(apply_fn):  # the NNX front-end: the module gives modes and variable types
+        from asgssd_jax.surgery.nnx_module import nnx_apply, nnx_variables
+
+        nnx_vars = nnx_variables(apply_fn)[1]
+        apply_fn = nnx_apply(apply_fn)
     kept = {}
     for i in plan.kept:
         x = jnp.asarray(stored[f"leaf_{i}"])
@@ -108,7 +121,13 @@ def load_subnetwork(path: str | os.PathLike, apply_fn: Callable[..., Any]) -> Su
         kept[i] = (jax.random.wrap_key_data(x, impl=dtype._impl)
                    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else x)
     variables = plan.pruned(kept)
-    sub = SubNetwork(plan=plan, apply_fn=apply_fn, attached=variables)
+    if nnx_vars is not None:
+        from asgssd_jax.surgery.nnx_module import NNXSubNetwork
+
+        sub = NNXSubNetwork(plan, apply_fn, {plan.leaf_paths[i]: nnx_vars[
+            plan.leaf_paths[i]].replace(x) for i, x in kept.items()})
+    else:
+        sub = SubNetwork(plan=plan, apply_fn=apply_fn, attached=variables)
     if plan.sample_args is not None:  # fail now, not at the first call, on a wrong apply_fn
         jax.eval_shape(lambda v, *a: sub.apply(v, *a), variables, *plan.sample_args)
     return sub

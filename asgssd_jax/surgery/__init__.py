@@ -19,8 +19,9 @@ type (:mod:`.plan`) holds it; the steps of Section 3.3 are one module each:
 
 Constants cut off from every input are folded (:mod:`.fold`), right at every batch size and
 0-d included. :mod:`.planner` runs the steps on a traced program, :mod:`.runner` runs a plan on
-a re-trace, :mod:`.build` plans every mode and :mod:`.linen` is the front-end: a linen Module
-that also runs plain functions of any pytree.
+a re-trace, :mod:`.build` plans every mode. Two thin front-ends share the plan: :mod:`.linen`
+(a linen Module that also runs plain functions of any pytree) and :mod:`.nnx_module` (an
+``nnx.Module`` with ``.train()`` / ``.eval()`` for a space generated from an NNX module).
 
 The exactness invariant (DESIGN.md) holds by construction: each rewrite is an identity of the
 zeroed network, so the sub-network equals it to float rounding (relative 1e-5 in float32; in
@@ -35,7 +36,8 @@ References:
 
 from asgssd_jax.surgery.build import construct_subnetwork, relative_difference
 from asgssd_jax.surgery.linen import SubNetwork
+from asgssd_jax.surgery.nnx_module import NNXSubNetwork
 from asgssd_jax.surgery.plan import ModePlan, SubNetworkPlan, SurgeryError
 
-__all__ = ["ModePlan", "SubNetwork", "SubNetworkPlan", "SurgeryError", "construct_subnetwork",
-           "relative_difference"]
+__all__ = ["ModePlan", "NNXSubNetwork", "SubNetwork", "SubNetworkPlan", "SurgeryError",
+           "construct_subnetwork", "relative_difference"]

@@ -81,7 +81,7 @@ def construct_subnetwork(
     variables: Any,
     *,
     modes: Iterable[Mapping[str, Any]] | None = None,
-) -> SubNetwork:
+) -> Any:
     """Builds the sub-network of ``variables``' zero groups (Section 3.3, Figure 4).
 
     A group is removed when every one of its leaves is exactly 0 in ``variables``. The result
@@ -95,20 +95,34 @@ def construct_subnetwork(
     Args:
       space: the search space of the network, from :func:`generate_search_space`.
       variables: the full network's variables with the removed groups at zero (e.g. H2SPG's
-        result, or ``space.zero_groups(variables, indices)``).
+        result, or ``space.zero_groups(variables, indices)``); for a space generated from an
+        ``nnx.Module``, the (trained) module itself.
       modes: keyword-argument sets of ``apply_fn`` to plan, besides the space's own; by default
         also the opposite ``train`` flag when the space was traced with one (with the rng
         streams a linen model asks for, e.g. ``rngs={"dropout": ...}``). Array-valued
         arguments (``rngs=``) are inputs of the program: their sample values only give shapes.
 
     Returns:
-      A :class:`SubNetwork`; ``sub.apply(sub.variables, x, **kwargs)`` runs it.
+      A :class:`SubNetwork`; ``sub.apply(sub.variables, x, **kwargs)`` runs it. For an
+      ``nnx.Module``, an :class:`~asgssd_jax.surgery.nnx_module.NNXSubNetwork` (an
+      ``nnx.Module`` in eval mode; ``sub.train()`` switches it like any NNX module).
 
     Raises:
       SurgeryError: the zero groups form an invalid set (they disconnect an output from an
         input), or ``variables`` do not match the space.
     """
     program = space.trace.program
+    apply_fn = space.apply_fn
+    base_static, base_dynamic = split_kwargs(space.apply_kwargs)
+    nnx_module = variables if _is_nnx_module(variables) else None
+    if nnx_module is not None:  # NNX front-end: both modes of the module's functional form
+        from asgssd_jax.surgery.nnx_module import nnx_apply, nnx_variables
+
+        variables, nnx_vars = nnx_variables(nnx_module)
+        apply_fn, base_static, base_dynamic = nnx_apply(nnx_module), {"train": False}, {}
+    elif _is_nnx_state(variables):
+        raise SurgeryError("pass the nnx.Module itself (its current state is read from it), "
+                           "not an nnx.State: the sub-network needs its train and eval modes")
     flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
     paths = [leaf_path(p) for p, _ in flat]
     leaf_values = [leaf for _, leaf in flat]
@@ -140,9 +154,8 @@ def construct_subnetwork(
     arg_tree = program.arg_tree
     sample_args = (jax.tree_util.tree_unflatten(arg_tree, specs) if arg_tree is not None
                    else tuple(specs))
-    apply_fn = space.apply_fn
-    base_static, base_dynamic = split_kwargs(space.apply_kwargs)
-    collections = _linen_collections(apply_fn, variables)
+    collections = ("state",) if nnx_module is not None else _linen_collections(apply_fn,
+                                                                                 variables)
     batch0 = _batch_size(sample_args)
     sig_cache: dict[int, str] = {}
 
@@ -193,7 +206,7 @@ def construct_subnetwork(
 
     # inference mode, on the space's own program first
     mode_plans = plan_mode(base_static, base_dynamic, (), None,
-                           None if base_dynamic else program)
+                           program if apply_fn is space.apply_fn and not base_dynamic else None)
     unavailable: dict[tuple, str] = {}
     wanted = [dict(m) for m in (modes or ())]
     if modes is None and isinstance(base_static.get("train"), bool):
@@ -221,8 +234,25 @@ def construct_subnetwork(
         kept=kept, leaf_slices=leaf_slices, removed_groups=tuple(zero),
         removed_paths=tuple(sorted(paths[i] for i in removed)),
         modes=tuple(mode_plans), sample_args=sample_args, unavailable=unavailable)
-    sub_vars = plan.pruned({i: _slice_leaf(leaf_values[i], leaf_slices.get(i)) for i in kept})
-    return SubNetwork(plan=plan, apply_fn=apply_fn, attached=sub_vars)
+    kept_values = {i: _slice_leaf(leaf_values[i], leaf_slices.get(i)) for i in kept}
+    if nnx_module is not None:
+        from asgssd_jax.surgery.nnx_module import NNXSubNetwork
+
+        return NNXSubNetwork(plan, apply_fn, {paths[i]: nnx_vars[paths[i]].replace(x)
+                                              for i, x in kept_values.items()})
+    return SubNetwork(plan=plan, apply_fn=apply_fn, attached=plan.pruned(kept_values))
+
+
+def _is_nnx_module(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Module)
+
+
+def _is_nnx_state(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.State)
 
 
 def _slice_leaf(x: Any, m: Mask | None) -> Any:

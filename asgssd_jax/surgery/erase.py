@@ -9,7 +9,7 @@ output: dead-code elimination drops them, and the variables that only they read.
 from __future__ import annotations
 
 from asgssd_jax.surgery.plan import SurgeryError
-from asgssd_jax.surgery.remove import CONST, DATA
+from asgssd_jax.surgery.remove import CONST, DATA, STATIC
 
 __all__ = ["Erasure"]
 
@@ -38,7 +38,12 @@ class Erasure:
         p, cls = self.p, self.cls
         kept_outputs = []
         for pos, (kind, path) in enumerate(self.output_kinds):
-            if kind == "state" and self.kept_state is not None and path not in self.kept_state:
+            # state of a leaf the inference mode keeps stays, and so does state this mode alone
+            # updates from kept values alone (an rng stream's count); statistics of removed or
+            # dead structures go
+            x = p.outvars[pos]
+            if kind == "state" and self.kept_state is not None and path not in self.kept_state \
+                    and (not isinstance(x, int) or cls[x] != STATIC or x in self.leaf_index):
                 continue
             kept_outputs.append(pos)
         self.kept_outputs = kept_outputs

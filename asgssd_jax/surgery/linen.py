@@ -12,7 +12,7 @@ import jax
 from asgssd_jax.surgery.plan import SubNetworkPlan, SurgeryError, split_kwargs
 from asgssd_jax.surgery.runner import runner_for
 
-__all__ = ["SubNetwork", "run_plan"]
+__all__ = ["SubNetwork", "run_leaves", "run_plan"]
 
 
 def _unflatten_paths(paths: Sequence[str], leaves: Sequence[Any]) -> dict:
@@ -30,7 +30,12 @@ def run_plan(plan: SubNetworkPlan, apply_fn: Callable[..., Any], variables: Any,
              args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, dict[str, dict]]:
     """Runs the sub-network: ``(result, {collection: updated state})`` (the latter for modes
     traced with mutable linen collections)."""
-    leaves = plan.kept_leaves(variables)
+    return run_leaves(plan, apply_fn, plan.kept_leaves(variables), args, kwargs)
+
+
+def run_leaves(plan: SubNetworkPlan, apply_fn: Callable[..., Any], leaves: Sequence[Any],
+               args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, dict[str, dict]]:
+    """:func:`run_plan` on the kept leaves in plan order."""
     static, dynamic = split_kwargs(dict(plan.modes[0].kwargs, **kwargs))
     run = runner_for(plan, apply_fn, static, dynamic, args)
     mode = run.mode

@@ -16,7 +16,7 @@ from asgssd_jax.surgery.affiliated import Affiliated
 from asgssd_jax.surgery.erase import Erasure
 from asgssd_jax.surgery.fold import Folding
 from asgssd_jax.surgery.plan import ModePlan
-from asgssd_jax.surgery.remove import STATIC, Removal, is_literal
+from asgssd_jax.surgery.remove import CONST, STATIC, Removal, is_literal
 from asgssd_jax.trace import Program
 
 __all__ = ["Planner", "plan_program", "signature"]
@@ -77,10 +77,10 @@ class Planner(Removal, Erasure, Affiliated, Folding):
         leaves = sorted({self.leaf_index[x] for i in ops if i not in self.alias
                          for k, x in enumerate(p.ops[i].invars)
                          if isinstance(x, int) and x in self.leaf_index
-                         and self.cls[x] == STATIC and k not in self.dropped.get(i, ())}
+                         and self.cls[x] != CONST and k not in self.dropped.get(i, ())}
                         | {self.leaf_index[p.outvars[pos]] for pos in self.kept_outputs
                            if isinstance(p.outvars[pos], int) and p.outvars[pos] in self.leaf_index
-                           and self.cls[p.outvars[pos]] == STATIC})
+                           and self.cls[p.outvars[pos]] != CONST})
         return ModePlan(
             kwargs=dict(kwargs), dynamic=tuple(sorted(dynamic)), mutable=tuple(mutable),
             signature=signature(p), num_ops=len(p.ops), ops=ops, alias=dict(self.alias),

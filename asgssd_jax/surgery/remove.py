@@ -1,7 +1,8 @@
 """Step 1 of Section 3.3: remove the zero removal structures, by constant propagation.
 
-Every value of the traced program is *data* (depends on an input), *static* (computed from kept
-variables alone: parameters, BatchNorm statistics, PRNG keys) or *constant* (independent of the
+Every value of the traced program is *data* (depends on an input, or on a PRNG key held in the
+variables, whose draws change from call to call), *static* (computed from kept variables alone:
+parameters, BatchNorm statistics) or *constant* (independent of the
 input because a removed group's zero leaves reach it). A multiplication, convolution or dot
 product of data with a constant exact zero is constant zero, and so is a ``select_n`` whose every
 case is zero (dropout of a removed branch); so a zeroed structure's output becomes constant
@@ -117,9 +118,13 @@ class Removal:
         """Data / static / constant for every value; kills of data by removed zeros."""
         p, cls = self.p, self.cls
         for i, v in enumerate(p.leaf_vars):
-            cls[v] = CONST if i in self.removed else STATIC
             if i in self.removed:
+                cls[v] = CONST
                 self.zero.add(v)
+            elif is_extended(p.avals[v].dtype):  # a PRNG key: a new draw at every call
+                cls[v] = DATA
+            else:
+                cls[v] = STATIC
         for v in p.consts:
             cls[v] = STATIC
         for v in p.arg_vars:
