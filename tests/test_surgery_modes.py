@@ -59,8 +59,8 @@ def test_train_mode_with_dropout_rngs_and_batchnorm(dropnet, removed):
             for k in ("mean", "var"):
                 np.testing.assert_allclose(state["batch_stats"][col][k],
                                            ref_state["batch_stats"][col][k], rtol=RTOL)
-        # another key gives other masks, in both networks alike
-        other = {"dropout": jax.random.key(99)}
+        # another key (a raw uint32 one too) gives other masks, in both networks alike
+        other = {"dropout": jax.random.PRNGKey(99)}
         assert ag.relative_difference(
             model.apply(vz, x, train=True, rngs=other, mutable=["batch_stats"])[0],
             sub.apply(sub.variables, x, train=True, rngs=other, mutable=["batch_stats"])[0]

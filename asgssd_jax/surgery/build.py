@@ -23,6 +23,7 @@ from asgssd_jax.surgery.plan import (
     mask_equal,
     mask_key,
     split_kwargs,
+    typed_rngs,
 )
 from asgssd_jax.surgery.planner import plan_program, signature
 from asgssd_jax.trace import Program, TraceError, leaf_path, trace_program
@@ -213,7 +214,7 @@ def construct_subnetwork(
         wanted.append({"train": not base_static["train"]})
     kept_paths = {paths[i] for i in mode_plans[0].leaves}
     for kw in wanted:
-        static, dynamic = split_kwargs({**base_static, **base_dynamic, **kw})
+        static, dynamic = split_kwargs(typed_rngs({**base_static, **base_dynamic, **kw}))
         if kwargs_key(static, dynamic) == mode_plans[0].key():
             continue
         for _ in range(8):  # linen: add each rng stream the model asks for

@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from asgssd_jax.surgery.plan import SubNetworkPlan, SurgeryError, split_kwargs
+from asgssd_jax.surgery.plan import SubNetworkPlan, SurgeryError, split_kwargs, typed_rngs
 from asgssd_jax.surgery.runner import runner_for
 
 __all__ = ["SubNetwork", "run_leaves", "run_plan"]
@@ -36,7 +36,7 @@ def run_plan(plan: SubNetworkPlan, apply_fn: Callable[..., Any], variables: Any,
 def run_leaves(plan: SubNetworkPlan, apply_fn: Callable[..., Any], leaves: Sequence[Any],
                args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, dict[str, dict]]:
     """:func:`run_plan` on the kept leaves in plan order."""
-    static, dynamic = split_kwargs(dict(plan.modes[0].kwargs, **kwargs))
+    static, dynamic = split_kwargs(typed_rngs(dict(plan.modes[0].kwargs, **kwargs)))
     run = runner_for(plan, apply_fn, static, dynamic, args)
     mode = run.mode
     outs = run(leaves, (*args, dynamic) if dynamic else args)

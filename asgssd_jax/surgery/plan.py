@@ -26,7 +26,8 @@ import numpy as np
 
 from asgssd_jax.trace import leaf_path
 
-__all__ = ["Mask", "ModePlan", "SubNetworkPlan", "SurgeryError", "prune_tree", "split_kwargs"]
+__all__ = ["Mask", "ModePlan", "SubNetworkPlan", "SurgeryError", "prune_tree", "split_kwargs",
+           "typed_rngs"]
 
 
 class SurgeryError(ValueError):
@@ -59,6 +60,21 @@ def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
         else:
             static[k] = v
     return static, dynamic
+
+
+def typed_rngs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with raw ``uint32[2]`` keys in ``rngs=`` wrapped as typed PRNG keys (linen
+    draws the same bits from both; one program serves both spellings)."""
+    rngs = kwargs.get("rngs")
+    if rngs is None:
+        return dict(kwargs)
+
+    def wrap(k):
+        if getattr(k, "dtype", None) == np.uint32 and np.shape(k)[-1:] == (2,):
+            return jax.random.wrap_key_data(k)
+        return k
+
+    return dict(kwargs, rngs=jax.tree_util.tree_map(wrap, rngs))
 
 
 def kwargs_key(kwargs: Mapping[str, Any], dynamic: Sequence[str] = ()) -> tuple:
