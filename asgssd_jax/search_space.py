@@ -37,6 +37,7 @@ __all__ = [
     "generate_search_space",
     "io_pairs",
     "pairs_connected",
+    "pairs_stay_connected",
     "trace_channels",
 ]
 
@@ -378,22 +379,7 @@ class SearchSpace:
         still connected; with one input and one output this is Algorithm 3, line 8.
         """
         removed = {self.groups[i].segment for i in self._check_indices(indices)}
-        g = self.segment_graph.graph
-        targets: dict[int, set[int]] = {}
-        for s, t in self.io_pairs:
-            targets.setdefault(s, set()).add(t)
-        for source, needed in targets.items():
-            seen = {source}
-            stack = [source]
-            while stack:
-                s = stack.pop()
-                for w in g.successors(s):
-                    if w not in seen and w not in removed:
-                        seen.add(w)
-                        stack.append(w)
-            if not needed <= seen:
-                return False
-        return True
+        return pairs_stay_connected(self.segment_graph.graph, self.io_pairs, removed)
 
     def is_valid_mask(self, removed: jax.Array) -> jax.Array:
         """``is_valid`` for a boolean mask over groups, usable inside ``jit``/``pmap``.
@@ -532,6 +518,26 @@ def io_pairs(segment_graph: SegmentGraph) -> list[tuple[int, int]]:
         below = nx.descendants(sg.graph, s)
         pairs.extend((s, tgt) for tgt in targets if tgt in below)
     return pairs
+
+
+def pairs_stay_connected(graph: nx.DiGraph, pairs: Iterable[tuple[Any, Any]],
+                         removed: set[Any]) -> bool:
+    """Whether every (source, target) pair of ``graph`` stays connected with the ``removed``
+    nodes deleted. Host function, O(sources * (|V| + |E|))."""
+    targets: dict[Any, set[Any]] = {}
+    for s, t in pairs:
+        targets.setdefault(s, set()).add(t)
+    for source, needed in targets.items():
+        seen = {source}
+        stack = [source]
+        while stack:
+            for w in graph.successors(stack.pop()):
+                if w not in seen and w not in removed:
+                    seen.add(w)
+                    stack.append(w)
+        if not needed <= seen:
+            return False
+    return True
 
 
 def pairs_connected(preds: jax.Array, source_column: jax.Array, dead: jax.Array,

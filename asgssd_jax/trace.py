@@ -517,9 +517,10 @@ def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
 
     # 1. Single-entry single-exit regions closed by a non-tolerant joint become one operator.
     has_params = {v: any(trainable[i] for i in raw_leaves[v]) for v in g.nodes}
-    self_joints = _self_joints(g, kind, first_prim, has_params)
+    idom = _dominators(g)
+    self_joints = _self_joints(g, kind, first_prim, has_params, idom)
     groups = _UnionFind(g.nodes)
-    _collapse_regions(g, kind, first_prim, has_params, self_joints, groups)
+    _collapse_regions(g, kind, first_prim, has_params, self_joints, groups, idom)
     # 2. Chains inside one module call merge.
     stack_of = {v: prog.ops[raw_ops[v][0]].name_stack for v in g.nodes if kind[v] == "op"}
     for u in list(g.nodes):
@@ -554,7 +555,7 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
-def _self_joints(g, kind, first_prim, has_params) -> set[int]:
+def _self_joints(g, kind, first_prim, has_params, idom) -> set[int]:
     """Add/sub/concatenate vertices whose operands all derive from one data value through
     parameter-free operations: softmax's ``x - stop_gradient(max(x))``, a norm's
     ``x - mean(x)``, tanh-GELU's ``x + 0.044715 x^3``, RoPE's rotation. Such a vertex combines a
@@ -564,36 +565,30 @@ def _self_joints(g, kind, first_prim, has_params) -> set[int]:
     must own no trainable parameter. O(|V| + |E|) for the dominators plus a backward walk per
     joint that stops at the first parameterised vertex.
     """
-    joints = [v for v in g.nodes
-              if kind[v] == "op" and g.in_degree(v) >= 2 and first_prim(v) in TOLERANT_JOINTS]
-    if not joints:
-        return set()
-    source = "__source__"
-    fwd = g.copy()
-    fwd.add_edges_from((source, v) for v in g.nodes if g.in_degree(v) == 0)
-    idom = nx.immediate_dominators(fwd, source)
     found = set()
-    for u in joints:
-        w = idom.get(u)
-        if w is None or w == source:
+    for u in g.nodes:
+        if kind[u] != "op" or g.in_degree(u) < 2 or first_prim(u) not in TOLERANT_JOINTS:
             continue
-        stack = list(g.predecessors(u))
-        seen = {w}
-        ok = True
-        while stack and ok:
-            x = stack.pop()
-            if x in seen:
-                continue
-            seen.add(x)
-            if has_params[x] or kind[x] != "op":
-                ok = False
-            stack.extend(g.predecessors(x))
-        if ok:
+        w = idom.get(u)
+        if w is None or w == _SOURCE:
+            continue
+        between = _walk(g.predecessors, u, {w}, lambda x: kind[x] == "op" and not has_params[x])
+        if between is not None:
             found.add(u)
     return found
 
 
-def _collapse_regions(g, kind, first_prim, has_params, self_joints, groups) -> None:
+_SOURCE = "__source__"
+
+
+def _dominators(g) -> dict:
+    """Immediate dominators from a virtual source (``_SOURCE``) feeding every input."""
+    fwd = g.copy()
+    fwd.add_edges_from((_SOURCE, v) for v in g.nodes if g.in_degree(v) == 0)
+    return nx.immediate_dominators(fwd, _SOURCE)
+
+
+def _collapse_regions(g, kind, first_prim, has_params, self_joints, groups, idom) -> None:
     fanouts = [v for v in g.nodes if g.out_degree(v) > 1]
     if not fanouts:
         return
@@ -610,21 +605,8 @@ def _collapse_regions(g, kind, first_prim, has_params, self_joints, groups) -> N
         if first_prim(p) in TOLERANT_JOINTS and p not in self_joints:
             continue
         # the region: everything reached from v before p
-        region: list[int] = []
-        seen = {v, p}
-        stack = list(g.successors(v))
-        ok = True
-        while stack:
-            u = stack.pop()
-            if u in seen:
-                continue
-            seen.add(u)
-            if kind[u] != "op":
-                ok = False
-                break
-            region.append(u)
-            stack.extend(g.successors(u))
-        if not ok:
+        region = _walk(g.successors, v, {v, p}, lambda u: kind[u] == "op")
+        if region is None:
             continue
         members = set(region) | {p}
         allowed = members | {v}
@@ -635,10 +617,11 @@ def _collapse_regions(g, kind, first_prim, has_params, self_joints, groups) -> N
             continue
         for u in members:
             groups.union(p, u)
-    _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups, ipdom, sink)
+    _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups, idom, ipdom,
+                            sink)
 
 
-def _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups, ipdom,
+def _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups, idom, ipdom,
                             sink) -> None:
     """A non-tolerant joint u and everything between its immediate dominator w and u become one
     operator when nothing between leaves except through u, even where w also feeds other
@@ -651,30 +634,16 @@ def _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups
               and (first_prim(u) not in TOLERANT_JOINTS or u in self_joints)]
     if not joints:
         return
-    source = "__source__"
-    fwd = g.copy()
-    fwd.add_edges_from((source, v) for v in g.nodes if g.in_degree(v) == 0)
-    idom = nx.immediate_dominators(fwd, source)
     tin, tout = _tree_intervals(ipdom, sink)
     for u in joints:
         w = idom.get(u)
-        if w is None or w == source:
+        if w is None or w == _SOURCE:
             continue
-        region: list[int] = []
-        seen = {w, u}
-        stack = list(g.predecessors(u))
-        ok = True
-        while stack:
-            x = stack.pop()
-            if x in seen:
-                continue
-            seen.add(x)
-            if kind[x] != "op" or x not in tin or not tin[u] <= tin[x] <= tout[x] <= tout[u]:
-                ok = False  # x escapes the region (or is an input)
-                break
-            region.append(x)
-            stack.extend(g.predecessors(x))
-        if not ok or not region:
+        # everything between w and u; each vertex must be post-dominated by u (not escape)
+        region = _walk(g.predecessors, u, {w, u},
+                       lambda x: kind[x] == "op" and x in tin
+                       and tin[u] <= tin[x] <= tout[x] <= tout[u])  # noqa: B023
+        if not region:
             continue
         members = set(region) | {u}
         if not _region_keeps_no_searchable_branch(g, region, members, w, first_prim, has_params,
@@ -682,6 +651,23 @@ def _collapse_joint_regions(g, kind, first_prim, has_params, self_joints, groups
             continue
         for x in region:
             groups.union(u, x)
+
+
+def _walk(neighbours, start, seen: set, admit) -> list | None:
+    """The vertices reached from ``start``'s neighbours, not crossing ``seen``; None as soon as
+    one is not ``admit``-ted."""
+    found = []
+    stack = list(neighbours(start))
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if not admit(x):
+            return None
+        found.append(x)
+        stack.extend(neighbours(x))
+    return found
 
 
 def _tree_intervals(parent: dict, root) -> tuple[dict, dict]:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import networkx as nx
 import numpy as np
 
-from asgssd_jax.search_space import pairs_connected
+from asgssd_jax.search_space import pairs_connected, pairs_stay_connected
 
 __all__ = ["SearchGraph", "hierarchical_search", "top_k_search"]
 
@@ -208,23 +208,6 @@ def _positions(graph: nx.DiGraph, inputs: Sequence[Hashable]) -> dict[Hashable, 
     return {v: i for i, v in enumerate(order)}
 
 
-def _host_valid(graph: nx.DiGraph, pairs, removed: set[Hashable]) -> bool:
-    targets: dict[Hashable, set[Hashable]] = {}
-    for s, t in pairs:
-        targets.setdefault(s, set()).add(t)
-    for source, needed in targets.items():
-        seen = {source}
-        stack = [source]
-        while stack:
-            for w in graph.successors(stack.pop()):
-                if w not in seen and w not in removed:
-                    seen.add(w)
-                    stack.append(w)
-        if not needed <= seen:
-            return False
-    return True
-
-
 def _reserve(graph: nx.DiGraph, pairs, group_nodes: list[Hashable]) -> np.ndarray:
     """Groups to keep so that removing all the others is valid, found greedily: per pair a
     path through the fewest groups not kept yet, then each kept group removed if it can be."""
@@ -236,7 +219,7 @@ def _reserve(graph: nx.DiGraph, pairs, group_nodes: list[Hashable]) -> np.ndarra
         kept.update(v for v in path if v in group_of)
     removed = set(group_nodes) - kept
     for v in sorted(kept, key=group_of.get):
-        if _host_valid(graph, pairs, removed | {v}):
+        if pairs_stay_connected(graph, pairs, removed | {v}):
             removed.add(v)
     reserve = np.zeros(len(group_nodes), bool)
     reserve[[group_of[v] for v in group_nodes if v not in removed]] = True
