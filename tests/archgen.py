@@ -1,7 +1,7 @@
 """Random DAG networks for property tests (hypothesis strategies).
 
 A network is a tuple of nodes ``(kind, inputs, channels)``; input index -1 is the image. Unary
-blocks (conv-BN, pool-conv, dense over channels, activations, pools) and joins (add, sub,
+blocks (conv-BN, pool-conv, dense over channels, activations, pools, dropout) and joins (add, sub,
 concat) are wired at random; nodes that the head does not use remain as dead branches.
 
 :func:`random_container` draws the kind of pytree the variables live in (linen's dict of
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from hypothesis import strategies as st
 
-UNARY = ("conv_bn", "conv_relu", "maxpool_conv", "dense", "relu", "avgpool", "conv_bias_sigmoid")
+UNARY = ("conv_bn", "conv_relu", "maxpool_conv", "dense", "relu", "avgpool", "conv_bias_sigmoid",
+         "dropout")
 JOINS = ("add", "sub", "concat")
 HEADS = ("gap", "flatten", "concat_bn_gap", "flatten_bn")
 INPUT_SHAPE = (6, 6, 3)
@@ -50,6 +51,8 @@ class RandomNet(nn.Module):
                 h = nn.Dense(ch)(h)
             elif kind == "relu":
                 h = jax.nn.relu(h)
+            elif kind == "dropout":
+                h = nn.Dropout(0.25, deterministic=not train)(h)
             elif kind == "avgpool":
                 h = nn.avg_pool(h, (3, 3), strides=(1, 1), padding="SAME")
             elif kind == "conv_bias_sigmoid":
@@ -104,7 +107,7 @@ def random_nodes(draw, min_nodes: int = 2, max_nodes: int = 9):
             kind = "conv_bn"
         # unary: prefer recent nodes so that graphs are deep, not only wide
         j = draw(st.sampled_from(earlier[-3:] if draw(st.booleans()) else earlier))
-        if kind in ("relu", "avgpool"):
+        if kind in ("relu", "avgpool", "dropout"):
             ch = _channels(nodes, j)
         else:
             ch = draw(st.sampled_from([2, 3, 4]))

@@ -86,11 +86,13 @@ def check_exact(module, space, variables, zero, x, train_check=False, jit=False,
 
 
 def check_train_mode(module, sub, vz, x, jit=False):
-    """Train mode equals the zeroed network's, BatchNorm statistics included."""
-    ref, ref_state = _maybe_jit(
-        lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]), jit)(vz, x)
-    out, state = _maybe_jit(
-        lambda v, x: sub.apply(v, x, train=True, mutable=["batch_stats"]), jit)(sub.variables, x)
+    """Train mode equals the zeroed network's, BatchNorm statistics and Dropout masks
+    included."""
+    rngs = {"dropout": jax.random.key(17)}
+    ref, ref_state = _maybe_jit(lambda v, x: module.apply(
+        v, x, train=True, rngs=rngs, mutable=["batch_stats"]), jit)(vz, x)
+    out, state = _maybe_jit(lambda v, x: sub.apply(
+        v, x, train=True, rngs=rngs, mutable=["batch_stats"]), jit)(sub.variables, x)
     assert rel_err(out, ref) <= RTOL
     want = {leaf_path(p): a for p, a in jax.tree_util.tree_flatten_with_path(ref_state)[0]}
     plan = sub.plan

@@ -37,6 +37,8 @@ def run_leaves(plan: SubNetworkPlan, apply_fn: Callable[..., Any], leaves: Seque
                args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, dict[str, dict]]:
     """:func:`run_plan` on the kept leaves in plan order."""
     static, dynamic = split_kwargs(typed_rngs(dict(plan.modes[0].kwargs, **kwargs)))
+    if "rngs" in dynamic and not any("rngs" in m.dynamic for m in plan.modes):
+        del dynamic["rngs"]  # as linen does, streams the model never draws from are ignored
     run = runner_for(plan, apply_fn, static, dynamic, args)
     mode = run.mode
     outs = run(leaves, (*args, dynamic) if dynamic else args)
