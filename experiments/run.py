@@ -104,7 +104,9 @@ def run_experiment(name: str, *, smoke: bool, data_dir: str | None, out: Path,
     t0 = time.perf_counter()
     todo = runs(name, smoke=smoke, data_dir=data_dir)
     for i, r in enumerate(todo, 1):
-        cfg = dataclasses.replace(r.config, out=str(_run_dir(exp_dir, r)))
+        # A smoke run starts afresh in its directory; a full-scale run resumes there.
+        cfg = dataclasses.replace(r.config, out=str(_run_dir(exp_dir, r)),
+                                  overwrite=not r.config.resume)
         label = f"{tag} {i}/{len(todo)} {r.row} {r.column} seed {cfg.seed}".replace("  ", " ")
         report_path = Path(cfg.out) / "report.json"
         if not rerun and _same_config(report_path, dataclasses.asdict(cfg)):
