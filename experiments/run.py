@@ -41,6 +41,9 @@ def _same_config(report_path: Path, config: dict) -> bool:
     from asgssd_jax.pipeline import RunConfig
 
     old = {**dataclasses.asdict(RunConfig()), "lr_warmup_epochs": 0, **old}
+    # How a run was started (continued, replaced, logged) is not what it computes.
+    how = ("resume", "overwrite", "log_every")
+    old, config = ({k: v for k, v in c.items() if k not in how} for c in (old, config))
     # JSON has lists where the config has tuples.
     return json.loads(json.dumps(old)) == json.loads(json.dumps(config))
 
