@@ -245,3 +245,13 @@ def test_removing_whole_blocks_is_exact(block):
         z = space.zero_groups(v, zero)
         sub = ag.construct_subnetwork(space, z)
         assert ag.relative_difference(m.apply(z, x3), sub.apply(sub.variables, x3)) < 1e-5
+
+
+def test_abstract_variables_give_the_same_groups():
+    x = jax.random.normal(jax.random.key(1), (2, T, D))
+    m = Net(EinsumLlama)
+    concrete = m.init(jax.random.key(0), x)
+    abstract = jax.eval_shape(m.init, jax.random.key(0), x)
+    spaces = [ag.generate_search_space(m.apply, v, x) for v in (concrete, abstract)]
+    assert _contents(spaces[0]) == _contents(spaces[1]) and len(spaces[0].groups) == 4
+    assert not spaces[1].excluded
