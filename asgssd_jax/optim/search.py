@@ -210,19 +210,25 @@ def _positions(graph: nx.DiGraph, inputs: Sequence[Hashable]) -> dict[Hashable, 
 
 def _reserve(graph: nx.DiGraph, pairs, group_nodes: list[Hashable]) -> np.ndarray:
     """Groups to keep so that removing all the others is valid, found greedily: per pair a
-    path through the fewest groups not kept yet, then each kept group removed if it can be."""
+    path through the fewest groups not kept yet, then each kept group removed if it can be.
+    Every rotation of the pairs' order is tried and the smallest reserve kept: O(P^2) paths."""
     group_of = {v: i for i, v in enumerate(group_nodes)}
-    kept: set[Hashable] = set()
-    for s, t in pairs:
-        path = nx.dijkstra_path(
-            graph, s, t, weight=lambda u, v, d: 1 if v in group_of and v not in kept else 0)
-        kept.update(v for v in path if v in group_of)
-    removed = set(group_nodes) - kept
-    for v in sorted(kept, key=group_of.get):
-        if pairs_stay_connected(graph, pairs, removed | {v}):
-            removed.add(v)
+
+    def build(order) -> set[Hashable]:
+        kept: set[Hashable] = set()
+        for s, t in order:
+            path = nx.dijkstra_path(
+                graph, s, t, weight=lambda u, v, d: 1 if v in group_of and v not in kept else 0)
+            kept.update(v for v in path if v in group_of)
+        removed = set(group_nodes) - kept
+        for v in sorted(kept, key=group_of.get):
+            if pairs_stay_connected(graph, pairs, removed | {v}):
+                removed.add(v)
+        return set(group_nodes) - removed
+
+    kept = min((build(pairs[i:] + pairs[:i]) for i in range(len(pairs))), key=len)
     reserve = np.zeros(len(group_nodes), bool)
-    reserve[[group_of[v] for v in group_nodes if v not in removed]] = True
+    reserve[[group_of[v] for v in kept]] = True
     return reserve
 
 
