@@ -49,7 +49,7 @@ def test_train_mode_with_dropout_rngs_and_batchnorm(dropnet, removed):
     (g,) = [gr.index for gr in space.groups if f"params/{removed}/kernel" in gr.param_paths]
     vz = space.zero_groups(variables, [g])
     sub = ag.construct_subnetwork(space, vz)  # plans train mode with the model's rng streams
-    for batch in (1, 2, 3):
+    for batch in (1, 3):  # traced at 2
         x = jax.random.normal(jax.random.key(batch), (batch, 6, 6, 3))
         rngs = {"dropout": jax.random.key(10 + batch)}
         ref, ref_state = model.apply(vz, x, train=True, rngs=rngs, mutable=["batch_stats"])
@@ -110,7 +110,7 @@ def test_mixed_precision_within_the_formats_own_error(dtype, param_dtype):
     """The sub-network differs from the zeroed network by no more than the zeroed network in
     ``dtype`` differs from float32 (float32 itself: 1e-5)."""
     model = CatNet(dtype, param_dtype)
-    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+    x = jax.random.normal(jax.random.key(3), (3, 6, 6, 3))
     variables = model.init(jax.random.key(0), x.astype(dtype))
     variables = jax.tree_util.tree_map(
         lambda a: a + 0.3 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype),
