@@ -159,3 +159,11 @@ def _from_pure(model, variables):
     nnx.replace_by_pure_dict(params, variables["params"])
     nnx.replace_by_pure_dict(rest, variables["state"])
     return nnx.merge_state(params, rest)
+
+
+def test_the_trace_time_snapshot_is_not_taken_silently(trained_cnn):
+    model, space = trained_cnn
+    with pytest.warns(UserWarning, match="snapshot"):
+        ag.construct_subnetwork(space, space.variables)
+    with pytest.raises(ag.SurgeryError, match="nnx.Module itself"):
+        ag.construct_subnetwork(space, nnx.state(model))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -121,6 +122,12 @@ def construct_subnetwork(
 
         variables, nnx_vars = nnx_variables(nnx_module)
         apply_fn, base_static, base_dynamic = nnx_apply(nnx_module), {"train": False}, {}
+    elif variables is space.variables and getattr(space.apply_fn, "__qualname__", "") \
+            .startswith("nnx_functional."):
+        warnings.warn(
+            "space.variables of an NNX model is a snapshot taken when the space was generated: "
+            "after training it holds the old values. Pass the module itself: "
+            "construct_subnetwork(space, model)", stacklevel=2)
     elif _is_nnx_state(variables):
         raise SurgeryError("pass the nnx.Module itself (its current state is read from it), "
                            "not an nnx.State: the sub-network needs its train and eval modes")
