@@ -146,6 +146,16 @@ class ExportedSubNetwork:
     def __call__(self, *args: Any, variables: Any = None) -> Any:
         return self.exported.call(self.variables if variables is None else variables, *args)
 
+    def __repr__(self) -> str:
+        # The variables' avals lead in_avals; the rest are the call's inputs.
+        num_vars = len(jax.tree_util.tree_leaves(self.variables))
+        avals = self.exported.in_avals[num_vars:]
+        shapes = ", ".join(a.str_short(short_dtypes=True) for a in avals)
+        outs = ", ".join(a.str_short(short_dtypes=True) for a in self.exported.out_avals)
+        params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.variables))
+        return (f"ExportedSubNetwork(in=[{shapes}], out=[{outs}], "
+                f"platforms={tuple(self.exported.platforms)}, {params / 1e6:.2f}M values)")
+
 
 def export_subnetwork(
     sub: SubNetwork,

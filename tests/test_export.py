@@ -99,6 +99,9 @@ def test_jax_export_symbolic_batch(demonet_sub, tmp_path):
         x = jax.random.normal(jax.random.key(b), (b, 28, 28, 1))
         np.testing.assert_allclose(loaded(x), apply(sub.variables, x), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(loaded(X), exported(X))
+    # A one-line summary, not the StableHLO and the weights.
+    text = repr(loaded)
+    assert len(text) < 200 and "in=[f32[batch,28,28,1]]" in text and "out=[f32[batch,10]]" in text
 
 
 def test_exported_artifact_runs_without_model_code(demonet_sub, tmp_path):
