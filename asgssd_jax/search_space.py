@@ -22,6 +22,7 @@ import networkx as nx
 import numpy as np
 
 from asgssd_jax.cost import op_macs
+from asgssd_jax.naming import operation_name
 from asgssd_jax.segments import SegmentGraph, build_segment_graph
 from asgssd_jax.primitives import CONTROL_FLOW, ELEMENTWISE, REDUCE, WINDOW
 from asgssd_jax.trace import TraceGraph, trace
@@ -472,7 +473,7 @@ class SearchSpace:
             seg = sg.segments[gr.segment]
             mods = []
             for v in seg.vertices:
-                m = self.trace.vertices[v].module or self.trace.vertices[v].label
+                m = self.trace.vertices[v].module or operation_name(self.trace, v)
                 if m not in mods:
                     mods.append(m)
             rows.append((f"g{gr.index}", str(gr.segment), f"{gr.num_params:,}",

@@ -96,6 +96,9 @@ def test_summary_is_a_table(demonet_space):
     text = space.summary()
     assert "g0" in text and "conv7" in text and "G_s^C" in text
     assert "14.45M" in text
+    # Operations outside a module are named as a paper names them, not by primitive chains.
+    row = next(line for line in text.splitlines() if line.startswith("g2 "))
+    assert row.endswith("AvgPool, conv4/conv, conv4/bn, ReLU, conv5/conv, conv5/bn")
 
 
 def test_count_macs_and_params_follow_the_papers_convention(demonet_space):
