@@ -414,8 +414,8 @@ def hybrid_sparse_optimizer(
         def apply():
             return _step(grads, state, params, layout, xs, gs, treedef)
 
-        def skip():
-            shapes = jax.eval_shape(apply)[0]
+        def skip():  # zero updates of the base optimizer's shapes and dtypes (as the step's)
+            shapes = jax.eval_shape(base_tx.update, grads, state.base_state, params)[0]
             return (jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
                     state._replace(notfinite_count=state.notfinite_count + 1))
 
