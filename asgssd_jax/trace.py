@@ -266,6 +266,8 @@ def nnx_functional(module) -> tuple[Callable[..., Any], dict[str, Any]]:
         nnx.replace_by_pure_dict(r, variables["state"])
         return nnx.merge(graphdef, p, r)(*args, **kwargs)
 
+    # What a later nnx.State of this module is merged with (construct_subnetwork takes one).
+    apply_fn.nnx_graphdef = graphdef
     return apply_fn, variables
 
 

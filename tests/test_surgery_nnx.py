@@ -165,5 +165,14 @@ def test_the_trace_time_snapshot_is_not_taken_silently(trained_cnn):
     model, space = trained_cnn
     with pytest.warns(UserWarning, match="snapshot"):
         ag.construct_subnetwork(space, space.variables)
-    with pytest.raises(ag.SurgeryError, match="nnx.Module itself"):
-        ag.construct_subnetwork(space, nnx.state(model))
+    with pytest.raises(ag.SurgeryError, match="nnx.state\\(model\\)"):
+        ag.construct_subnetwork(space, nnx.state(model, nnx.Param))  # a part of the state
+
+
+def test_an_nnx_state_gives_the_modules_sub_network(trained_cnn):
+    model, space = trained_cnn
+    sub = ag.construct_subnetwork(space, nnx.state(model))  # e.g. restored from a checkpoint
+    assert isinstance(sub, nnx.Module) and "a" not in nnx.state(sub)
+    model.eval()
+    x = jax.random.normal(jax.random.key(5), (3, 6, 6, 3))
+    assert ag.relative_difference(model(x), sub(x)) <= RTOL

@@ -98,7 +98,8 @@ def construct_subnetwork(
       space: the search space of the network, from :func:`generate_search_space`.
       variables: the full network's variables with the removed groups at zero (e.g. H2SPG's
         result, or ``space.zero_groups(variables, indices)``); for a space generated from an
-        ``nnx.Module``, the (trained) module itself.
+        ``nnx.Module``, the (trained) module itself or its whole state, ``nnx.state(model)``
+        (e.g. restored from a checkpoint).
       modes: keyword-argument sets of ``apply_fn`` to plan, besides the space's own; by default
         also the opposite ``train`` flag when the space was traced with one (with the rng
         streams a linen model asks for, e.g. ``rngs={"dropout": ...}``). Array-valued
@@ -116,6 +117,8 @@ def construct_subnetwork(
     program = space.trace.program
     apply_fn = space.apply_fn
     base_static, base_dynamic = split_kwargs(space.apply_kwargs)
+    if _is_nnx_state(variables):
+        variables = _merge_nnx_state(space, variables)
     nnx_module = variables if _is_nnx_module(variables) else None
     if nnx_module is not None:  # NNX front-end: both modes of the module's functional form
         from asgssd_jax.surgery.nnx_module import nnx_apply, nnx_variables
@@ -128,9 +131,6 @@ def construct_subnetwork(
             "space.variables of an NNX model is a snapshot taken when the space was generated: "
             "after training it holds the old values. Pass the module itself: "
             "construct_subnetwork(space, model)", stacklevel=2)
-    elif _is_nnx_state(variables):
-        raise SurgeryError("pass the nnx.Module itself (its current state is read from it), "
-                           "not an nnx.State: the sub-network needs its train and eval modes")
     flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
     paths = [leaf_path(p) for p, _ in flat]
     leaf_values = [leaf for _, leaf in flat]
@@ -255,6 +255,23 @@ def _is_nnx_module(x: Any) -> bool:
     from flax import nnx
 
     return isinstance(x, nnx.Module)
+
+
+def _merge_nnx_state(space: SearchSpace, state: Any) -> Any:
+    """The module an ``nnx.State`` (``nnx.state(model)``) is the state of."""
+    from flax import nnx
+
+    graphdef = getattr(space.apply_fn, "nnx_graphdef", None)
+    if graphdef is None:
+        raise SurgeryError("an nnx.State was passed, but the space was not generated from an "
+                           "nnx.Module: pass the variables the space was traced with")
+    try:
+        return nnx.merge(graphdef, state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SurgeryError(
+            "this nnx.State does not match the module the space was generated from; pass the "
+            f"whole state, nnx.state(model), or the module itself ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _is_nnx_state(x: Any) -> bool:
