@@ -24,8 +24,9 @@ Two contractions make vertices read like operators, as in the paper's pictures:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -264,11 +265,57 @@ def nnx_functional(module) -> tuple[Callable[..., Any], dict[str, Any]]:
         r = jax.tree_util.tree_map(lambda x: x, rest)
         nnx.replace_by_pure_dict(p, variables["params"])
         nnx.replace_by_pure_dict(r, variables["state"])
-        return nnx.merge(graphdef, p, r)(*args, **kwargs)
+        merged = nnx.merge(graphdef, p, r)
+        with nnx_module_scopes(merged):
+            return merged(*args, **kwargs)
 
     # What a later nnx.State of this module is merged with (construct_subnetwork takes one).
     apply_fn.nnx_graphdef = graphdef
     return apply_fn, variables
+
+
+@contextlib.contextmanager
+def nnx_module_scopes(module) -> Iterator[None]:
+    """While tracing, each call of a submodule of ``module`` runs in a ``jax.named_scope`` of
+    its attribute path relative to its caller, so that the jaxpr's name stacks read
+    ``blocks/3/attn/q_proj`` as linen's do (NNX itself names nothing). The submodules' classes
+    get a wrapped ``__call__`` for the duration; a call of an instance outside ``module`` is
+    not renamed.
+    """
+    from flax import nnx
+
+    paths = {id(node): tuple(str(k) for k in path) for path, node in nnx.iter_graph(module)
+             if path and isinstance(node, nnx.Module)}
+    classes = {type(node) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
+    originals = {cls: (cls.__dict__.get("__call__"), cls.__call__) for cls in classes
+                 if callable(getattr(cls, "__call__", None))}
+    stack: list[tuple[str, ...]] = [()]
+
+    def wrap(call):
+        def scoped(self, *args, **kwargs):
+            path = paths.get(id(self))
+            if path is None:
+                return call(self, *args, **kwargs)
+            outer = stack[-1]
+            rel = path[len(outer):] if path[:len(outer)] == outer else path
+            stack.append(path)
+            try:
+                with jax.named_scope("/".join(rel) or path[-1]):
+                    return call(self, *args, **kwargs)
+            finally:
+                stack.pop()
+        return scoped
+
+    try:
+        for cls, (_, call) in originals.items():
+            cls.__call__ = wrap(call)
+        yield
+    finally:
+        for cls, (own, _) in originals.items():
+            if own is None:
+                del cls.__call__
+            else:
+                cls.__call__ = own
 
 
 def trace_program(
