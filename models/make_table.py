@@ -49,7 +49,8 @@ def main() -> None:
         p, m, g = measure(name)
         ref = PAPER.get(name)
         rp, rm = (ref[0], ref[1]) if ref else (None, None)
-        print(f"| {name} | {'x'.join(map(str, shape))} | {p:.3f} | {m:.1f} | {g} | "
+        size = "x".join(map(str, shape)) + (" tokens" if len(shape) == 1 else "")
+        print(f"| {name} | {size} | {p:.3f} | {m:.1f} | {g} | "
               f"{rp or ''} | {rm or ''} | {_gap(p, rp)} | {_gap(m, rm)} |", flush=True)
         if name == "ofa_pixel1_143":
             p, m, g = measure(name, shape=(240, 240, 3))
