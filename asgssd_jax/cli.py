@@ -125,8 +125,12 @@ def _add_run_parser(sub) -> None:
                    help="H2SPG, or a baseline of the paper's ablation (Table 4)")
     p.add_argument("--group-lasso", dest="group_lasso", type=float,
                    help="group-lasso coefficient pushing the redundant groups towards zero "
-                   "(default: the optimizer's own; H2SPG's fades each group out over the "
-                   "projection phase)")
+                   "(default: the optimizer's own; H2SPG's is set per group at the search so "
+                   "that the half-space test zeroes it during the projection phase)")
+    p.add_argument("--fade-out", dest="fade_out", action="store_true",
+                   help="shrink each redundant group by 1/r of its norm per step (r: the "
+                   "projection steps left; OTO's HESSO behaviour) instead of the paper's "
+                   "half-space projection")
     p.add_argument("--base", choices=["sgd", "adam", "adamw"],
                    help="base optimizer for the important groups")
     p.add_argument("--momentum", type=float, help="SGD momentum")

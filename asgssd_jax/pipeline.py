@@ -54,6 +54,7 @@ class RunConfig:
     base: str = "sgd"
     optimizer: str = "h2spg"  # h2spg | dhspg | proxsg_plus (the Table 4 ablation)
     group_lasso: float | None = None  # None: the optimizer's default push on redundant groups
+    fade_out: bool = False  # OTO's HESSO-style scheduled fade-out instead of the half-space test
     momentum: float = 0.9
     weight_decay: float = 0.0
     mixup: float = 0.0
@@ -256,6 +257,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     tx = _OPTIMIZERS[cfg.optimizer](
         space, schedule, cfg.target_sparsity, warmup_steps=cfg.warmup_epochs * spe,
         projection_steps=cfg.projection_epochs * spe, base=_base_tx(cfg, schedule),
+        fade_out=cfg.fade_out,
         **({} if cfg.group_lasso is None else {"group_lasso": cfg.group_lasso}))
     k = int(cfg.target_sparsity * space.num_groups)
 

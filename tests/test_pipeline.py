@@ -200,3 +200,24 @@ def test_a_failing_export_leaves_the_runs_results(tmp_path, monkeypatch):
     assert (tmp_path / "subnetwork_checkpoint").exists()
     assert not (tmp_path / "subnetwork.jax_export").exists()
     assert "export: failed (NotImplementedError" in (tmp_path / "report.md").read_text()
+
+
+def test_fade_out_flag_reaches_the_optimizer(tmp_path, monkeypatch):
+    """``--fade-out`` selects OTO's HESSO-style fade-out; the default is the half-space test."""
+    from asgssd_jax import pipeline
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_h2spg(*args, **kwargs):
+        seen.append(kwargs["fade_out"])
+        raise Stop
+
+    monkeypatch.setitem(pipeline._OPTIMIZERS, "h2spg", recording_h2spg)
+    for flags, expected in (([], False), (["--fade-out"], True)):
+        with pytest.raises(Stop):
+            cli.main(["run", "--dataset", "synthetic", "--train-size", "32", "--test-size", "8",
+                      "--out", str(tmp_path / str(expected)), "--quiet", *flags])
+        assert seen[-1] is expected
