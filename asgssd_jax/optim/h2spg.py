@@ -108,7 +108,8 @@ class H2SPGInfo(NamedTuple):
 
 def h2spg_info(state: optax.OptState) -> H2SPGInfo:
     """Reads the H2SPG state inside ``state`` (which may be a chain, ``inject_hyperparams`` or
-    ``apply_if_finite`` state holding one). Works inside ``jit``.
+    ``apply_if_finite`` state holding one, or an ``nnx.Optimizer``'s ``opt_state``). Works
+    inside ``jit``.
 
     Example::
 
@@ -121,9 +122,17 @@ def h2spg_info(state: optax.OptState) -> H2SPGInfo:
     if len(found) != 1:
         raise ValueError(f"expected one H2SPGState in the optimizer state, found {len(found)}")
     (s,) = found
+    # nnx.Optimizer keeps its state's arrays in OptArray variables.
+    s = H2SPGState(*(_unwrap_variable(x) for x in s))
     return H2SPGInfo(step=s.count, saliency=s.saliency, redundant=s.redundant, zero_groups=s.zero,
                      zero_step=s.zero_step, zeroed_by_test=s.zeroed_by_test & s.zero,
                      zero_relative_norm=s.zero_norm, skipped_steps=s.notfinite_count)
+
+
+def _unwrap_variable(x: Any) -> Any:
+    from flax import nnx
+
+    return x.get_value() if isinstance(x, nnx.Variable) else x
 
 
 # --------------------------------------------------------------------------------------------
