@@ -193,3 +193,18 @@ def test_nonfinite_raise_raises_and_the_default_has_no_host_call(demo):
     assert "callback" not in str(jax.make_jaxpr(plain.update)(params, plain.init(params), params))
     with pytest.raises(ValueError, match="nonfinite"):
         ag.h2spg(space, 0.05, 0.6, warmup_steps=2, projection_steps=2, nonfinite="ignore")
+
+
+def test_an_empty_search_space_warns_that_nothing_will_be_removed():
+    import warnings
+
+    def scanned(v, x):  # a layer stack under lax.scan is opaque: no removal structure
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, v["w"])[0]
+
+    space = ag.generate_search_space(scanned, {"w": jnp.ones((3, 4, 4))}, jnp.ones((2, 4)))
+    assert space.num_groups == 0
+    with pytest.warns(ag.SparsityWarning, match="no removal structures"):
+        ag.h2spg(space, 0.1, 0.5, warmup_steps=1, projection_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ag.h2spg(space, 0.1, 0.0, warmup_steps=1, projection_steps=1)  # nothing asked for

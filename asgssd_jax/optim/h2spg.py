@@ -192,13 +192,19 @@ def _target_count(space, target_group_sparsity, cap: bool, name: str):
     if not 0.0 <= t < 1.0 or math.isnan(t):
         raise ValueError(f"{name}: target_group_sparsity must be in [0, 1), got {t}")
     k = int(t * num_groups)
+    if num_groups == 0 and t > 0:
+        warnings.warn(
+            f"{name}: the search space has no removal structures (scan and other control flow "
+            "are opaque, shared weights and candidates that fail zero-invariance are excluded: "
+            "see space.summary()), so nothing will be removed and the network trains with the "
+            "base optimizer alone", SparsityWarning, stacklevel=3)
     if cap:
         most = search_graph(space).max_removable
         if k > most:
             warnings.warn(
                 f"{name}: target_group_sparsity={t} asks for K={k} of {num_groups} groups, but "
-                f"every input-output path goes through at least {num_groups - most} removal "
-                f"structures, so at most {most} can be removed; {most} groups will be zeroed",
+                f"at most {most} can be removed while every output keeps reading every input it "
+                f"depends on; {most} groups will be zeroed",
                 SparsityWarning, stacklevel=3)
             k = most
     return k
