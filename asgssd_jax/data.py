@@ -254,7 +254,7 @@ def epoch_dataset(
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} must be in [0, {num_shards})")
     if min(seed, epoch) < 0 or mixup_alpha < 0:
-        raise ValueError("seed, epoch, start_batch and mixup_alpha must be >= 0")
+        raise ValueError("seed, epoch and mixup_alpha must be >= 0")
     n = len(split)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     count = num_batches(split, batch_size, drop_remainder=drop_remainder)
@@ -304,7 +304,7 @@ def batches(
       The batches do not depend on ``num_threads`` or ``num_workers``.
     """
     if start_batch < 0:
-        raise ValueError("seed, epoch, start_batch and mixup_alpha must be >= 0")
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     if num_workers < 0 or (num_threads is not None and num_threads < 1):
         raise ValueError(f"num_workers must be >= 0 and num_threads >= 1, got {num_workers} "
                          f"and {num_threads}")
