@@ -125,8 +125,7 @@ def construct_subnetwork(
 
         variables, nnx_vars = nnx_variables(nnx_module)
         apply_fn, base_static, base_dynamic = nnx_apply(nnx_module), {"train": False}, {}
-    elif variables is space.variables and getattr(space.apply_fn, "__qualname__", "") \
-            .startswith("nnx_functional."):
+    elif variables is space.variables and hasattr(space.apply_fn, "nnx_graphdef"):
         warnings.warn(
             "space.variables of an NNX model is a snapshot taken when the space was generated: "
             "after training it holds the old values. Pass the module itself: "
