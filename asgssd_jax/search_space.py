@@ -33,6 +33,8 @@ __all__ = [
     "ChannelState",
     "ExcludedCandidate",
     "Group",
+    "GroupSlice",
+    "LeafGroupMap",
     "SearchSpace",
     "follow_channels",
     "generate_search_space",
@@ -273,8 +275,30 @@ def follow_channels(
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupSlice:
+    """Part of one variables leaf in a group: the whole leaf (``axis`` None), or the entries
+    ``indices`` along ``axis`` (one layer of a scanned stack: axis 0, one index)."""
+
+    leaf: int  # index into the variables' leaves
+    path: str  # the leaf's "/"-joined path
+    axis: int | None = None
+    indices: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if self.axis is None:
+            return self.path
+        idx = str(self.indices[0]) if len(self.indices) == 1 else str(list(self.indices))
+        return f"{self.path}[{':, ' * self.axis}{idx}]"
+
+
+@dataclasses.dataclass(frozen=True)
 class Group:
-    """One removal structure of G_s and its trainable variables."""
+    """One removal structure of G_s and its trainable variables.
+
+    ``slices`` says which part of which leaf belongs to the group; ``leaves`` are the distinct
+    leaves it touches and ``param_paths`` reads each slice as ``path`` (whole leaf) or
+    ``path[3]`` (index 3 along axis 0).
+    """
 
     index: int
     segment: int
@@ -283,6 +307,71 @@ class Group:
     num_params: int
     macs: float  # per example, of the structure's own operations
     concat_sites: tuple[ChannelSite, ...] = ()
+    slices: tuple[GroupSlice, ...] = ()
+
+    def __post_init__(self):
+        if not self.slices:  # whole leaves
+            object.__setattr__(self, "slices", tuple(
+                GroupSlice(i, p) for i, p in zip(self.leaves, self.param_paths)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafGroupMap:
+    """Which groups own the entries of one leaf.
+
+    ``axis`` None: the whole leaf belongs to group ``ids[0]`` (-1: G_s^C). Otherwise entry
+    ``j`` along ``axis`` belongs to group ``ids[j]`` (-1: G_s^C); one leaf is split along one
+    axis at most. Per-group sums of a leaf are then a reduction over the other axes followed
+    by a segment sum over ``ids``, and per-group scalars reach a leaf as ``values[ids]``
+    broadcast along ``axis``.
+    """
+
+    axis: int | None
+    ids: np.ndarray  # int32
+
+    @property
+    def whole(self) -> int | None:
+        """The group owning the whole leaf (-1 for G_s^C), or None for a split leaf."""
+        return int(self.ids[0]) if self.axis is None else None
+
+    @property
+    def grouped(self) -> bool:
+        return bool(np.any(self.ids >= 0))
+
+    def mask(self, chosen: np.ndarray, ndim: int) -> np.ndarray:
+        """Boolean array broadcastable to the leaf: True where the owning group is in
+        ``chosen`` (a boolean array over groups)."""
+        padded = np.concatenate([np.asarray(chosen, bool), [False]])
+        hit = padded[self.ids]  # -1 reads the padded False
+        if self.axis is None:
+            return hit.reshape(())
+        shape = [1] * ndim
+        shape[self.axis] = len(self.ids)
+        return hit.reshape(shape)
+
+    def take(self, values: jax.Array, fill: Any, ndim: int) -> jax.Array:
+        """Per-group ``values[G]`` read for each entry, broadcastable to the leaf; ``fill``
+        where no group owns the entry (jittable)."""
+        padded = jnp.concatenate([values, jnp.full((1,), fill, values.dtype)])
+        got = padded[jnp.asarray(self.ids)]
+        if self.axis is None:
+            return got.reshape(())
+        shape = [1] * ndim
+        shape[self.axis] = len(self.ids)
+        return got.reshape(shape)
+
+    def group_sums(self, x: jax.Array, num_groups: int) -> jax.Array:
+        """``float32[G]``: the sum of ``x`` (the leaf, or a product of leaves) over each group's
+        entries (jittable)."""
+        x = x.astype(jnp.float32)
+        if self.axis is None:
+            g = int(self.ids[0])
+            out = jnp.zeros(num_groups, jnp.float32)
+            return out if g < 0 else out.at[g].set(jnp.sum(x))
+        other = tuple(a for a in range(x.ndim) if a != self.axis)
+        per = jnp.sum(x, axis=other)
+        ids = np.where(self.ids >= 0, self.ids, num_groups)
+        return jax.ops.segment_sum(per, ids, num_groups + 1)[:num_groups]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,58 +499,110 @@ class SearchSpace:
             "generate_search_space saw"
         )
 
+    def _match_paths(self, tree: Any) -> list[int]:
+        """Index in the traced variables of each leaf of ``tree`` (matched by path)."""
+        from asgssd_jax.trace import leaf_path
+
+        index = {p: i for i, p in enumerate(self.trace.leaf_paths)}
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        paths = [leaf_path(p) for p, _ in flat]
+        prefix = ""
+        if paths and paths[0] not in index:
+            for cand in ("params/", "state/"):
+                if all(cand + p in index for p in paths):
+                    prefix = cand
+                    break
+            else:
+                missing = [p for p in paths if p not in index][:3]
+                raise ValueError(
+                    f"tree leaves {missing} are not in the search space's variables; pass the "
+                    "variables (or their 'params' collection) the space was generated from")
+        return [index.get(prefix + p, -1) for p in paths]
+
+    def _maps_by_leaf(self) -> dict[int, LeafGroupMap]:
+        maps = getattr(self, "_leaf_maps_cache", None)
+        if maps is None:
+            maps = {}
+            split: dict[int, tuple[int, np.ndarray]] = {}
+            for gr in self.groups:
+                for sl in gr.slices:
+                    if sl.axis is None:
+                        maps[sl.leaf] = LeafGroupMap(None, np.array([gr.index], np.int32))
+                        continue
+                    size = self._leaf_shape(sl.leaf)[sl.axis]
+                    axis, ids = split.setdefault(
+                        sl.leaf, (sl.axis, np.full(size, -1, np.int32)))
+                    if axis != sl.axis:
+                        raise ValueError(f"leaf {sl.path} is split along two axes")
+                    ids[list(sl.indices)] = gr.index
+            for leaf, (axis, ids) in split.items():
+                maps[leaf] = LeafGroupMap(axis, ids)
+            self._leaf_maps_cache = maps
+        return maps
+
+    def leaf_group_maps(self, tree: Any) -> list[LeafGroupMap]:
+        """Which groups own the entries of each leaf of ``tree`` (flattening order).
+
+        ``tree`` may be the full variables or a sub-tree such as ``variables["params"]``;
+        leaves are matched by path. A leaf outside G_s gets ``LeafGroupMap(None, [-1])``.
+        """
+        maps = self._maps_by_leaf()
+        outside = LeafGroupMap(None, np.array([-1], np.int32))
+        return [maps.get(i, outside) for i in self._match_paths(tree)]
+
     def leaf_groups(self, tree: Any) -> list[int]:
-        """Group index of each leaf of ``tree`` (-1 for leaves outside G_s).
+        """Group index of each leaf of ``tree`` that one group owns whole, -1 for the others
+        (leaves in G_s^C, and leaves split between groups: see :meth:`leaf_group_maps`).
 
         ``tree`` may be the full variables or a sub-tree such as ``variables["params"]``; leaves
         are matched by path.
         """
-        from asgssd_jax.trace import leaf_path
-
-        by_path = {self.trace.leaf_paths[i]: gr.index for gr in self.groups for i in gr.leaves}
-        known = set(self.trace.leaf_paths)
-        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-        paths = [leaf_path(p) for p, _ in flat]
-        prefix = ""
-        if paths and paths[0] not in known:
-            for cand in ("params/", "state/"):
-                if all(cand + p in known for p in paths):
-                    prefix = cand
-                    break
-            else:
-                missing = [p for p in paths if p not in known][:3]
-                raise ValueError(
-                    f"tree leaves {missing} are not in the search space's variables; pass the "
-                    "variables (or their 'params' collection) the space was generated from")
-        return [by_path.get(prefix + p, -1) for p in paths]
+        return [m.whole if m.axis is None else -1 for m in self.leaf_group_maps(tree)]
 
     def zero_groups(self, variables: Any, indices: Iterable[int]) -> Any:
-        """``variables`` with every leaf of the groups ``indices`` set to 0 (a new tree)."""
+        """``variables`` with every entry of the groups ``indices`` set to 0 (a new tree)."""
         idx = self._check_indices(indices)
-        gid = self.leaf_groups(variables)
-        chosen = set(idx)
+        chosen = np.zeros(self.num_groups, bool)
+        chosen[idx] = True
+        maps = self.leaf_group_maps(variables)
         leaves, treedef = jax.tree_util.tree_flatten(variables)
-        out = [jnp.zeros_like(x) if g in chosen else x for x, g in zip(leaves, gid)]
+        out = []
+        for x, m in zip(leaves, maps):
+            hit = m.mask(chosen, np.ndim(x))
+            if not hit.any():
+                out.append(x)
+            elif m.axis is None:
+                out.append(jnp.zeros_like(x))
+            else:
+                out.append(jnp.where(hit, jnp.zeros((), x.dtype), x))
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def group_norms(self, variables: Any) -> jax.Array:
         """L2 norm of each group, shape ``[num_groups]`` (jittable)."""
-        gid = self.leaf_groups(variables)
+        maps = self.leaf_group_maps(variables)
         leaves = jax.tree_util.tree_leaves(variables)
         sq = jnp.zeros(self.num_groups, jnp.float32)
-        for x, g in zip(leaves, gid):
-            if g >= 0:
-                sq = sq.at[g].add(jnp.sum(jnp.square(x.astype(jnp.float32))))
+        for x, m in zip(leaves, maps):
+            if m.grouped:
+                sq = sq + m.group_sums(jnp.square(jnp.asarray(x, jnp.float32)), self.num_groups)
         return jnp.sqrt(sq)
 
     def zero_group_indices(self, variables: Any) -> list[int]:
-        """Groups whose leaves are all exactly zero in ``variables`` (host)."""
-        gid = self.leaf_groups(variables)
+        """Groups whose entries are all exactly zero in ``variables`` (host)."""
+        maps = self.leaf_group_maps(variables)
         leaves = jax.tree_util.tree_leaves(variables)
         nonzero = np.zeros(self.num_groups, bool)
-        for x, g in zip(leaves, gid):
-            if g >= 0 and np.any(np.asarray(x) != 0):
-                nonzero[g] = True
+        for x, m in zip(leaves, maps):
+            if not m.grouped:
+                continue
+            x = np.asarray(x)
+            if m.axis is None:
+                nonzero[m.whole] |= bool(np.any(x != 0))
+                continue
+            other = tuple(a for a in range(x.ndim) if a != m.axis)
+            per = np.any(x != 0, axis=other)
+            for j in np.flatnonzero(per & (m.ids >= 0)):
+                nonzero[m.ids[j]] = True
         return [i for i in range(self.num_groups) if not nonzero[i]]
 
     # -- reporting -----------------------------------------------------------------------------
