@@ -42,7 +42,7 @@ def operation_name(trace: TraceGraph, v: int) -> str:
     if vert.kind != "op":
         return vert.kind
     prims = [p for p in vert.primitives if p not in _SILENT] or list(vert.primitives)
-    paths = [trace.leaf_paths[i] for i in vert.leaves]
+    paths = [trace.unit_path(u) for u in vert.leaves]
     if any(p.startswith("batch_stats/") for p in paths):
         return "BatchNorm"
     if "rsqrt" in prims and ("reduce_sum" in prims or "reduce_mean" in prims):

@@ -402,6 +402,8 @@ class SearchSpace:
         self.apply_kwargs = dict(kwargs)
         t = self.trace
         grouped = {i for gr in groups for i in gr.leaves}
+        #: trainable leaves no group touches (leaves split between groups and G_s^C are not
+        #: among them: :meth:`leaf_group_maps` tells which of their entries are in G_s^C)
         self.complement_leaves: tuple[int, ...] = tuple(
             i for i, tr in enumerate(t.trainable) if tr and i not in grouped)
         self.group_of_segment = {gr.segment: gr.index for gr in groups}
@@ -626,7 +628,8 @@ class SearchSpace:
                                    else r[c].rjust(widths[c]) for c in range(4)) + "  " + r[4])
             if k == 0:
                 lines.append("-" * (sum(widths) + 8 + len(r[4])))
-        n_c = sum(int(np.prod(self._leaf_shape(i))) for i in self.complement_leaves)
+        n_c = sum(int(np.prod(self._leaf_shape(i))) for i, tr in enumerate(self.trace.trainable)
+                  if tr) - sum(g.num_params for g in self.groups)
         lines.append(
             f"{self.num_groups} removal structures in G_s "
             f"({sum(g.num_params for g in self.groups):,} params); "
@@ -725,19 +728,32 @@ def discover_removal_structures(
     t = segment_graph.trace
     g = t.graph
     program = t.program
-    # How many segments use each leaf (weight sharing makes a leaf non-removable).
+    # How many segments use each unit (weight sharing makes a unit non-removable); a segment
+    # reading a whole leaf shares it with every segment reading a slice of it.
     users: dict[int, int] = {}
+    whole_users: dict[int, int] = {}
+    slice_users: dict[int, int] = {}
     for seg in segment_graph.segments:
-        for i in seg.leaves:
-            users[i] = users.get(i, 0) + 1
+        for u in seg.leaves:
+            users[u] = users.get(u, 0) + 1
+        for leaf in {t.unit_leaf(u) for u in seg.leaves if t.units[u][1] is None}:
+            whole_users[leaf] = whole_users.get(leaf, 0) + 1
+        for leaf in {t.unit_leaf(u) for u in seg.leaves if t.units[u][1] is not None}:
+            slice_users[leaf] = slice_users.get(leaf, 0) + 1
+
+    def shared(u: int) -> bool:
+        leaf, axis, _ = t.units[u]
+        if axis is None:
+            return users[u] > 1 or slice_users.get(leaf, 0) > 0
+        return users[u] > 1 or whole_users.get(leaf, 0) > 0
     batch = program.shape(program.arg_vars[0])[0] if program.shape(program.arg_vars[0]) else 1
     groups: list[Group] = []
     excluded: list[ExcludedCandidate] = []
     for seg in segment_graph.segments:
         if seg.kind != "op":
             continue
-        trainable = sorted(i for i in seg.leaves if t.trainable[i])
-        if not trainable or any(users[i] > 1 for i in trainable):
+        trainable = sorted(u for u in seg.leaves if t.unit_trainable(u))
+        if not trainable or any(shared(u) for u in trainable):
             continue
         if any(p in CONTROL_FLOW for v in seg.vertices for p in t.vertices[v].primitives):
             continue  # control flow is never inside a removal structure
@@ -764,20 +780,29 @@ def discover_removal_structures(
         if not ok:
             continue
         ops = sorted(i for v in seg.vertices for i in t.vertices[v].ops)
-        reason = check_zero_invariance(program, ops, trainable, leaves, seed=seg.id)
+        whole = [t.unit_leaf(u) for u in trainable if t.units[u][1] is None]
+        sliced = [o for u in trainable if t.units[u][1] is not None
+                  for i in t.unit_ops[u] for o in program.ops[i].outvars]
+        reason = check_zero_invariance(program, ops, whole, leaves, seed=seg.id,
+                                       zero_vars=sliced)
         if reason is not None:
             excluded.append(ExcludedCandidate(
-                seg.id, tuple(t.leaf_paths[i] for i in trainable), reason))
+                seg.id, tuple(t.unit_path(u) for u in trainable), reason))
             continue
         macs = sum(op_macs(program.ops[i], program) for i in ops) / batch
+        slices = tuple(
+            GroupSlice(t.unit_leaf(u), t.leaf_paths[t.unit_leaf(u)], t.units[u][1],
+                       () if t.units[u][1] is None else (t.units[u][2],))
+            for u in trainable)
         groups.append(Group(
             index=len(groups),
             segment=seg.id,
-            leaves=tuple(trainable),
-            param_paths=tuple(t.leaf_paths[i] for i in trainable),
-            num_params=int(sum(math.prod(program.shape(program.leaf_vars[i])) for i in trainable)),
+            leaves=tuple(sorted({t.unit_leaf(u) for u in trainable})),
+            param_paths=tuple(t.unit_path(u) for u in trainable),
+            num_params=int(sum(t.unit_size(u) for u in trainable)),
             macs=macs,
             concat_sites=tuple(sites),
+            slices=slices,
         ))
     return groups, excluded
 

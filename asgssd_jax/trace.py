@@ -34,7 +34,7 @@ import networkx as nx
 import numpy as np
 from jax.extend import core as jex_core
 
-from asgssd_jax.primitives import CONTROL_FLOW, TOLERANT_JOINTS
+from asgssd_jax.primitives import CONTROL_FLOW, ELEMENTWISE, TOLERANT_JOINTS
 
 __all__ = [
     "CONTROL_FLOW",
@@ -171,11 +171,17 @@ def _join_stack(outer: str, inner: str) -> str:
     return outer or inner
 
 
+#: A ``scan`` whose scanned operands include a static stack (parameters) is unrolled into
+#: its iterations when it has at most this many; longer scans stay opaque.
+MAX_UNROLL = 256
+
+
 def _flatten(closed_jaxpr, num_leaves: int, out_tree) -> Program:
     ops: list[Op] = []
     avals: dict[int, Any] = {}
     consts: dict[int, Any] = {}
     counter = [0]
+    data_ids: set[int] = set()  # values that depend on an input, as ops are appended
 
     def new(aval) -> int:
         i = counter[0]
@@ -183,7 +189,80 @@ def _flatten(closed_jaxpr, num_leaves: int, out_tree) -> Program:
         avals[i] = aval
         return i
 
-    def inline(jaxpr, const_vals, in_ids, stack: str) -> list[Any]:
+    def emit(prim, params, ins, out_avals, stack) -> tuple[int, ...]:
+        out_ids = tuple(new(a) for a in out_avals)
+        if any(isinstance(v, int) and v in data_ids for v in ins):
+            data_ids.update(out_ids)
+        ops.append(Op(len(ops), prim, dict(params), tuple(ins), out_ids, stack, ""))
+        return out_ids
+
+    def as_var(x) -> int:
+        if not isinstance(x, jex_core.Literal):
+            return x
+        i = new(jax.core.get_aval(x.val))
+        consts[i] = x.val
+        return i
+
+    def index(x, j: int, stack: str) -> int:
+        """``x[j]`` as the ops ``slice`` (one entry of axis 0) and ``squeeze``."""
+        x = as_var(x)
+        shape = tuple(avals[x].shape)
+        (sliced,) = emit(jax.lax.slice_p,
+                         {"start_indices": (j,) + (0,) * (len(shape) - 1),
+                          "limit_indices": (j + 1,) + shape[1:], "strides": None},
+                         [x], [avals[x].update(shape=(1,) + shape[1:])], stack)
+        (out,) = emit(jax.lax.squeeze_p, {"dimensions": (0,)}, [sliced],
+                      [avals[x].update(shape=shape[1:])], stack)
+        return out
+
+    def stack_values(parts: list, aval, stack: str) -> int:
+        """``jnp.stack(parts)`` as ``broadcast_in_dim`` per part and one ``concatenate``."""
+        shape = tuple(aval.shape[1:])
+        rows = []
+        for x in parts:
+            x = as_var(x)
+            (row,) = emit(jax.lax.broadcast_in_dim_p,
+                          {"shape": (1,) + shape,
+                           "broadcast_dimensions": tuple(range(1, len(shape) + 1)),
+                           "sharding": None},
+                          [x], [avals[x].update(shape=(1,) + shape)], stack)
+            rows.append(row)
+        if len(rows) == 1:
+            return rows[0]
+        (out,) = emit(jax.lax.concatenate_p, {"dimension": 0}, rows, [aval], stack)
+        return out
+
+    def unrollable(eqn, ins) -> bool:
+        if eqn.primitive.name != "scan" or not 0 < eqn.params["length"] <= MAX_UNROLL:
+            return False
+        p = eqn.params
+        xs = ins[p["num_consts"] + p["num_carry"]:]
+        return any(isinstance(x, int) and x not in data_ids for x in xs)
+
+    def unroll(eqn, ins, stack: str) -> list[Any]:
+        """The iterations of a scan over a static stack, inlined one after the other; the
+        index into the stack is written into each iteration's name stacks (``layers/3/...``,
+        ``scan/3`` where the body names nothing)."""
+        p = eqn.params
+        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+        body = p["jaxpr"]
+        carry = list(ins[nc:nc + nk])
+        xs = ins[nc + nk:]
+        ys: list[list[Any]] = [[None] * length for _ in eqn.outvars[nk:]]
+        for j in (reversed(range(length)) if p["reverse"] else range(length)):
+            at = _join_stack(stack, f"scan/{j}")
+            outs = inline(body.jaxpr, list(body.consts),
+                          [*ins[:nc], *carry, *(index(x, j, at) for x in xs)], stack,
+                          layer=str(j))
+            carry = outs[:nk]
+            for k, y in enumerate(outs[nk:]):
+                ys[k][j] = y
+        return [*carry, *(stack_values(parts, o.aval, stack)
+                          for parts, o in zip(ys, eqn.outvars[nk:]))]
+
+    def inline(jaxpr, const_vals, in_ids, stack: str, layer: str | None = None) -> list[Any]:
+        """Appends ``jaxpr``'s equations to ``ops``; ``layer``: the iteration of an unrolled
+        scan, written after the first name of each equation's name stack (``layers/3/mlp``)."""
         env: dict[Any, Any] = {}
 
         def read(x):
@@ -197,16 +276,23 @@ def _flatten(closed_jaxpr, num_leaves: int, out_tree) -> Program:
             env[v] = i
         for eqn in jaxpr.eqns:
             ins = [read(x) for x in eqn.invars]
-            eqn_stack = _join_stack(stack, str(eqn.source_info.name_stack))
+            name = str(eqn.source_info.name_stack)
+            if layer is not None:
+                head, sep, rest = name.partition("/")
+                name = f"{head}/{layer}{sep}{rest}" if head else f"scan/{layer}"
+            eqn_stack = _join_stack(stack, name)
             sub = _sub_jaxpr(eqn)
-            if sub is not None:
-                outs = inline(sub[0], sub[1], ins, eqn_stack)
+            if sub is not None or unrollable(eqn, ins):
+                outs = (inline(sub[0], sub[1], ins, eqn_stack) if sub is not None
+                        else unroll(eqn, ins, eqn_stack))
                 for o, r in zip(eqn.outvars, outs):
                     env[o] = r
                 continue
             out_ids = tuple(new(o.aval) for o in eqn.outvars)
             for o, i in zip(eqn.outvars, out_ids):
                 env[o] = i
+            if any(isinstance(v, int) and v in data_ids for v in ins):
+                data_ids.update(out_ids)
             ops.append(
                 Op(len(ops), eqn.primitive, dict(eqn.params), tuple(ins), out_ids, eqn_stack,
                    _summarize_source(eqn))
@@ -215,6 +301,7 @@ def _flatten(closed_jaxpr, num_leaves: int, out_tree) -> Program:
 
     jaxpr = closed_jaxpr.jaxpr
     in_ids = [new(v.aval) for v in jaxpr.invars]
+    data_ids.update(in_ids[num_leaves:])
     outs = inline(jaxpr, list(closed_jaxpr.consts), in_ids, "")
     prog = Program(ops, in_ids[:num_leaves], in_ids[num_leaves:], consts, outs, avals, out_tree)
     for op in ops:
@@ -368,7 +455,7 @@ class Vertex:
     primitives: tuple[str, ...]
     module: str  # Flax module path (name stack) of the first op
     shape: tuple[int, ...]  # shape of the vertex's (first) output
-    leaves: frozenset[int]  # indices of the variables leaves it owns
+    leaves: frozenset[int]  # units it owns: leaf indices, or slice units (TraceGraph.units)
 
     @property
     def label(self) -> str:
@@ -416,6 +503,9 @@ class TraceGraph:
       leaf_paths: "/"-joined path of every ``variables`` leaf, in ``tree_leaves`` order.
       trainable: whether each leaf is a trainable parameter (the ``params`` collection for linen
         and NNX variables; every floating leaf for a plain parameter tree).
+      units, unit_ops: what vertices own: ids below ``len(leaf_paths)`` are whole leaves,
+        later ids slice units ``(leaf, axis, index)``, each read by the static ``slice`` ops
+        ``unit_ops[id]`` (a stacked leaf indexed by layer, an unrolled scan).
       inputs, output: ids of the input vertices and of the single output vertex.
       self_joint_ops: add/sub/concatenate ops that combine one value with itself (softmax's
         ``x - max(x)``): not removal-tolerant joints.
@@ -435,12 +525,37 @@ class TraceGraph:
         self.vertex_of_op: dict[int, int] = {
             i: v.id for v in vertices.values() for i in v.ops
         }
+        # Units: ids 0..len(leaf_paths)-1 are whole leaves; later ids are slice units
+        # ``(leaf, axis, index)`` read by the static ``slice`` ops ``unit_ops[id]``.
+        self.units: list[tuple[int, int | None, int | None]] = [
+            (i, None, None) for i in range(len(leaf_paths))]
+        self.unit_ops: dict[int, list[int]] = {}
 
     def __repr__(self) -> str:
         return (
             f"TraceGraph(|V|={self.graph.number_of_nodes()}, |E|={self.graph.number_of_edges()}, "
             f"ops={len(self.program.ops)}, leaves={len(self.leaf_paths)})"
         )
+
+    def unit_leaf(self, u: int) -> int:
+        """The variables leaf of unit ``u`` (a vertex's ``leaves`` hold units)."""
+        return self.units[u][0]
+
+    def unit_path(self, u: int) -> str:
+        """``path`` for a whole leaf, ``path[j]`` (``path[:, j]``, ...) for a slice unit."""
+        leaf, axis, index = self.units[u]
+        if axis is None:
+            return self.leaf_paths[leaf]
+        return f"{self.leaf_paths[leaf]}[{':, ' * axis}{index}]"
+
+    def unit_trainable(self, u: int) -> bool:
+        return self.trainable[self.units[u][0]]
+
+    def unit_size(self, u: int) -> int:
+        leaf, axis, _ = self.units[u]
+        shape = self.program.shape(self.program.leaf_vars[leaf])
+        n = int(np.prod(shape, dtype=np.int64))
+        return n if axis is None else n // shape[axis]
 
     def is_joint(self, v: int) -> bool:
         return self.graph.in_degree(v) >= 2
@@ -482,12 +597,44 @@ def trace(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: An
     return _build_graph(prog, paths, trainable, treedef)
 
 
-def _static_owners(prog: Program) -> dict[int, frozenset[int]]:
-    """Leaf indices reaching each static variable through static computations."""
+def slice_units(prog: Program) -> dict[int, tuple[int, int, int]]:
+    """``op index -> (leaf, axis, index)`` for every static ``slice`` that takes one entry
+    along one axis of a variables leaf (or of an elementwise image of it, such as a cast):
+    ``params["w"][3]`` of a stacked leaf, and each iteration of an unrolled scan over one.
+    Such an op reads a *slice unit* of the leaf, not the whole leaf."""
+    image = {v: i for i, v in enumerate(prog.leaf_vars)}  # var -> leaf it is an image of
+    found: dict[int, tuple[int, int, int]] = {}
+    for op in prog.ops:
+        if not op.outvars or op.outvars[0] in prog.data:
+            continue
+        ins = [v for v in op.invars if isinstance(v, int)]
+        if len(ins) != 1 or ins[0] not in image:
+            continue
+        shape = prog.shape(ins[0])
+        if op.name == "slice" and not any(st not in (None, 1)
+                                          for st in op.params["strides"] or ()):
+            narrowed = [(a, lo, hi) for a, (lo, hi) in enumerate(
+                zip(op.params["start_indices"], op.params["limit_indices"]))
+                if (lo, hi) != (0, shape[a])]
+            if len(narrowed) == 1 and narrowed[0][2] - narrowed[0][1] == 1:
+                a, lo, _ = narrowed[0]
+                found[op.index] = (image[ins[0]], a, lo)
+        elif (op.name in ELEMENTWISE and len(op.outvars) == 1
+              and prog.shape(op.outvars[0]) == shape):
+            image[op.outvars[0]] = image[ins[0]]
+    return found
+
+
+def _static_owners(prog: Program, unit_of_op: dict[int, int]) -> dict[int, frozenset[int]]:
+    """Units (leaf indices, or slice units from ``unit_of_op``) reaching each static variable
+    through static computations."""
     owners: dict[int, frozenset[int]] = {v: frozenset((i,)) for i, v in enumerate(prog.leaf_vars)}
     empty: frozenset[int] = frozenset()
     for op in prog.ops:
         if op.outvars and op.outvars[0] in prog.data:
+            continue
+        if op.index in unit_of_op:
+            owners[op.outvars[0]] = frozenset((unit_of_op[op.index],))
             continue
         acc = empty
         for v in op.invars:
@@ -503,7 +650,16 @@ def _static_owners(prog: Program) -> dict[int, frozenset[int]]:
 
 def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
     data = prog.data
-    owners = _static_owners(prog)
+    units: list[tuple[int, int | None, int | None]] = [(i, None, None) for i in range(len(paths))]
+    unit_id: dict[tuple[int, int, int], int] = {}
+    unit_of_op: dict[int, int] = {}
+    for i, u in slice_units(prog).items():
+        if u not in unit_id:
+            unit_id[u] = len(units)
+            units.append(u)
+        unit_of_op[i] = unit_id[u]
+    owners = _static_owners(prog, unit_of_op)
+    unit_trainable = list(trainable) + [trainable[leaf] for leaf, _, _ in units[len(paths):]]
     g = nx.DiGraph()
     # Raw vertices: one per input leaf, one per data op, one output.
     raw_ops: dict[int, list[int]] = {}
@@ -565,7 +721,7 @@ def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
         return prog.ops[raw_ops[v][0]].name if kind[v] == "op" else kind[v]
 
     # 1. Single-entry single-exit regions closed by a non-tolerant joint become one operator.
-    has_params = {v: any(trainable[i] for i in raw_leaves[v]) for v in g.nodes}
+    has_params = {v: any(unit_trainable[i] for i in raw_leaves[v]) for v in g.nodes}
     idom = _dominators(g)
     self_joints = _self_joints(g, kind, first_prim, has_params, idom)
     groups = _UnionFind(g.nodes)
@@ -578,8 +734,13 @@ def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
         (w,) = g.successors(u)
         if kind[w] == "op" and g.in_degree(w) == 1 and stack_of[u] == stack_of[w]:
             groups.union(u, w)
-    return _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inputs,
-                     output, treedef, frozenset(raw_ops[v][0] for v in self_joints))
+    t = _contract(g, groups, kind, raw_ops, raw_leaves, prog, paths, trainable, inputs,
+                  output, treedef, frozenset(raw_ops[v][0] for v in self_joints))
+    t.units = units
+    t.unit_ops = {}
+    for i, u in unit_of_op.items():
+        t.unit_ops.setdefault(u, []).append(i)
+    return t
 
 
 class _UnionFind:

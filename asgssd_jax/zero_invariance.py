@@ -121,6 +121,7 @@ def check_zero_invariance(
     group_leaves: Sequence[int],
     leaves: Sequence[Any] | None,
     seed: int = 0,
+    zero_vars: Sequence[int] = (),
 ) -> str | None:
     """Why the structure made of ``ops`` is not zero-invariant, or None when it is.
 
@@ -130,6 +131,8 @@ def check_zero_invariance(
       group_leaves: indices of the variables leaves of its group (set to zero).
       leaves: the variables leaves (arrays or ``jax.ShapeDtypeStruct``); None means abstract.
       seed: seed of the random draws.
+      zero_vars: further static variables set to zero: the slices of leaves that belong to the
+        group (the results of the ``slice`` ops that read them).
     """
     data = program.data
     own = set(ops)
@@ -140,11 +143,12 @@ def check_zero_invariance(
     outputs = sorted(o for o in outputs_of
                      if o in program_outs
                      or any(c not in own for c in program.consumers.get(o, ())))
-    zeroed = {program.leaf_vars[i] for i in group_leaves}
-    known = set(program.leaf_vars) | set(program.consts) | set(inputs)
+    zeroed = {program.leaf_vars[i] for i in group_leaves} | set(zero_vars)
+    known = set(program.leaf_vars) | set(program.consts) | set(inputs) | zeroed
     cone = _static_cone(program, ops, known)
 
     kinds = {v: (ZERO if v in zeroed else CONST) for v in program.leaf_vars}
+    kinds.update({v: ZERO for v in zeroed})
     kinds.update({x: DATA for x in inputs})
     folded = _fold(program, [*cone, *ops], dict(kinds), zeroed, leaves)
     if folded is None:  # a constant could not be computed (e.g. an abstract PRNG key)
@@ -255,6 +259,8 @@ def _evaluate(program: Program, ops, cone, inputs, outputs, zeroed, leaves, seed
             return None
         env[j] = value
     env.update({v: c for v, c in program.consts.items()})
+    for v in zeroed:  # zeroed slices of leaves
+        env[v] = jnp.zeros(program.avals[v].shape, program.avals[v].dtype)
     results = []
     for draw in range(2):
         keys = jax.random.split(jax.random.key(seed + draw), max(len(inputs), 1))

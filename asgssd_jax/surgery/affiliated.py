@@ -35,6 +35,16 @@ KEEPS_ZERO = frozenset(
 FLEX = object()  # a use that takes whatever slice its value has
 
 
+class _Take(tuple):
+    """A use that reads one entry ``index`` along ``axis`` (of ``size``) of a value: a static
+    ``slice`` of one layer of a stacked leaf. Uses that all take entries along one axis let the
+    value keep only the entries taken (the removed layers' are dropped)."""
+
+    axis = property(lambda self: self[0])
+    size = property(lambda self: self[1])
+    index = property(lambda self: self[2])
+
+
 def low_precision(dtype) -> bool:
     """16-bit floats, whose contractions accumulate in float32 and round once."""
     return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
@@ -189,6 +199,23 @@ class Affiliated:
         def real(us):
             return [(k, r) for k, r in us if r is not FLEX]
 
+        def taken(us) -> Mask | None:
+            """The entries kept when every use takes entries along one axis, else None (the
+            value stays whole; its other sliced uses gather)."""
+            takes = [r for _, r in us if isinstance(r, _Take)]
+            if not takes:
+                return None
+            others = [(k, r) for k, r in us if not isinstance(r, _Take)]
+            if others or len({(t.axis, t.size) for t in takes}) != 1:
+                for key, r in others:
+                    if r is not None:
+                        self.gathers[key] = r
+                return None
+            keep = sorted({t.index for t in takes})
+            if len(keep) == takes[0].size:
+                return None
+            return (takes[0].axis, takes[0].size, np.asarray(keep, np.int32))
+
         live_static = []
         for i in sorted(self.live):
             op = p.ops[i]
@@ -211,6 +238,8 @@ class Affiliated:
         def decide(x) -> Mask | None:
             """The slice ``x`` is produced with; uses that need another get a gather."""
             us = real(uses.get(x, []))
+            if any(isinstance(r, _Take) for _, r in us):
+                return taken(us)
             keys = {mask_key(r) for _, r in us}
             if keys == {None} or not us:
                 return None
@@ -223,7 +252,7 @@ class Affiliated:
 
         def fail(x):
             for key, r in real(uses.get(x, [])):
-                if r is not None:
+                if r is not None and not isinstance(r, _Take):
                     self.gathers[key] = r
 
         for i in reversed(live_static):
@@ -242,6 +271,11 @@ class Affiliated:
                 r = None
             if r is not None:
                 self.var_mask[o] = r
+            if r is None and i in self.slice_units:  # one layer of a stacked leaf
+                _, axis, index = self.slice_units[i]
+                x = op.invars[0]
+                add_use(x, (i, 0), _Take((axis, p.shape(x)[axis], index)))
+                continue
             for k, x in enumerate(op.invars):
                 add_use(x, (i, k), None if back is None else back.get(k))
         # leaves, jaxpr constants and folded constants: no producer to push slices into

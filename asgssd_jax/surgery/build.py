@@ -155,7 +155,14 @@ def construct_subnetwork(
             f"the zero groups {zero} form an invalid set: without them an output loses an "
             f"input it depends on. Zero groups: {names}. Keep at least one of them non-zero "
             "(space.is_valid checks a set)")
-    removed = {i for g in zero for i in space.groups[g].leaves}
+    # whole leaves (their index) and slices of leaves ((leaf, axis, index): scanned layers)
+    removed: set[Any] = set()
+    for g in zero:
+        for sl in space.groups[g].slices:
+            if sl.axis is None:
+                removed.add(sl.leaf)
+            else:
+                removed.update((sl.leaf, sl.axis, j) for j in sl.indices)
     specs = [jax.ShapeDtypeStruct(program.avals[v].shape, program.avals[v].dtype)
              for v in program.arg_vars]
     arg_tree = program.arg_tree
@@ -239,7 +246,9 @@ def construct_subnetwork(
         treedef=treedef,
         leaf_avals=tuple(jax.tree_util.tree_leaves(jax.eval_shape(lambda t: t, variables))),
         kept=kept, leaf_slices=leaf_slices, removed_groups=tuple(zero),
-        removed_paths=tuple(sorted(paths[i] for i in removed)),
+        removed_paths=tuple(sorted(
+            paths[r] if isinstance(r, int) else f"{paths[r[0]]}[{':, ' * r[1]}{r[2]}]"
+            for r in removed)),
         modes=tuple(mode_plans), sample_args=sample_args, unavailable=unavailable)
     kept_values = {i: _slice_leaf(leaf_values[i], leaf_slices.get(i)) for i in kept}
     if nnx_module is not None:

@@ -17,7 +17,7 @@ from asgssd_jax.surgery.erase import Erasure
 from asgssd_jax.surgery.fold import Folding
 from asgssd_jax.surgery.plan import ModePlan
 from asgssd_jax.surgery.remove import CONST, STATIC, Removal, is_literal
-from asgssd_jax.trace import Program
+from asgssd_jax.trace import Program, slice_units
 
 __all__ = ["Planner", "plan_program", "signature"]
 
@@ -36,7 +36,7 @@ def signature(program: Program) -> str:
 class Planner(Removal, Erasure, Affiliated, Folding):
     """State shared by the steps; each step is a method of its module's mixin."""
 
-    def __init__(self, program: Program, leaf_values: Sequence[Any], removed: set[int],
+    def __init__(self, program: Program, leaf_values: Sequence[Any], removed: set[Any],
                  output_kinds: Sequence[tuple[str, str | None]], kept_state: set[str] | None,
                  twin: Program | None = None):
         self.p = program
@@ -51,6 +51,9 @@ class Planner(Removal, Erasure, Affiliated, Folding):
         self.killed: set[int] = set()  # ops whose outputs are zero constants
         self.alias: dict[int, tuple[int, bool]] = {}
         self.leaf_index = {v: i for i, v in enumerate(program.leaf_vars)}
+        # static ``slice`` ops reading one entry of a leaf: (leaf, axis, index) by op
+        self.slice_units = slice_units(program)
+        self.removed_slices = {i for i, u in self.slice_units.items() if u in removed}
 
     def run(self) -> None:
         self.classify()  # step 1 (with the bypass of step 3)
@@ -95,11 +98,12 @@ class Planner(Removal, Erasure, Affiliated, Folding):
             leaves=tuple(leaves))
 
 
-def plan_program(program: Program, leaf_values: Sequence[Any], removed: set[int],
+def plan_program(program: Program, leaf_values: Sequence[Any], removed: set[Any],
                  output_kinds: Sequence[tuple[str, str | None]], kept_state: set[str] | None,
                  kwargs: Mapping[str, Any], dynamic: Sequence[str], mutable: Sequence[str],
                  twin: Program | None = None) -> ModePlan:
-    """The :class:`ModePlan` of ``program`` with the leaves ``removed`` at zero."""
+    """The :class:`ModePlan` of ``program`` with ``removed`` at zero: leaf indices, and
+    ``(leaf, axis, index)`` slices of leaves (read by static ``slice`` ops)."""
     planner = Planner(program, leaf_values, removed, output_kinds, kept_state, twin)
     planner.run()
     return planner.mode_plan(kwargs, dynamic, mutable)

@@ -130,6 +130,11 @@ class Removal:
         for v in p.arg_vars:
             cls[v] = DATA
         for op in p.ops:
+            if op.index in self.removed_slices:  # a removed slice of a leaf (a scanned layer)
+                for o in op.outvars:
+                    cls[o] = CONST
+                    self.zero.add(o)
+                continue
             ins = [v for v in op.invars if isinstance(v, int)]
             kinds = {cls[v] for v in ins}
             if DATA in kinds:

@@ -196,6 +196,22 @@ def _rewrite_params(op, program: Program, masks, new_shape) -> dict:
         if params.get("dimensions") is not None:
             raise SurgeryError("cannot slice through a reshape with 'dimensions'")
         params["new_sizes"] = new_shape(op.outvars[0])
+    elif name == "slice" and isinstance(op.invars[0], int) and op.invars[0] in masks:
+        # one layer of a stacked leaf whose removed layers are dropped: its new position
+        axis, _, keep = masks[op.invars[0]]
+        start, limit = list(params["start_indices"]), list(params["limit_indices"])
+        stride = (params["strides"] or (1,) * len(start))[axis]
+        pos = np.searchsorted(keep, np.arange(start[axis], limit[axis], stride))
+        if (np.any(pos >= len(keep)) or np.any(keep[np.minimum(pos, len(keep) - 1)]
+                                                != np.arange(start[axis], limit[axis], stride))
+                or np.any(np.diff(pos) != 1)):
+            raise SurgeryError("a slice reads entries of a leaf that the sub-network dropped")
+        start[axis], limit[axis] = int(pos[0]), int(pos[-1]) + 1
+        params["start_indices"], params["limit_indices"] = tuple(start), tuple(limit)
+        if params["strides"] is not None:
+            strides = list(params["strides"])
+            strides[axis] = 1
+            params["strides"] = tuple(strides)
     elif name in ("broadcast_in_dim", "iota"):
         params["shape"] = new_shape(op.outvars[0])
     elif name == "conv_general_dilated":
