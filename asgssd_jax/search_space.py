@@ -752,7 +752,8 @@ def discover_removal_structures(
     for seg in segment_graph.segments:
         if seg.kind != "op":
             continue
-        trainable = sorted(u for u in seg.leaves if t.unit_trainable(u))
+        trainable = sorted((u for u in seg.leaves if t.unit_trainable(u)),
+                           key=lambda u: tuple(-1 if a is None else a for a in t.units[u]))
         if not trainable or any(shared(u) for u in trainable):
             continue
         if any(p in CONTROL_FLOW for v in seg.vertices for p in t.vertices[v].primitives):
