@@ -13,7 +13,6 @@ from pathlib import Path
 
 def _space_cmd(args: argparse.Namespace) -> int:
     import jax
-    import jax.numpy as jnp
 
     import asgssd_zoo as models
     from asgssd_jax import count_macs, count_params, generate_search_space, viz
@@ -23,7 +22,7 @@ def _space_cmd(args: argparse.Namespace) -> int:
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    x = jnp.zeros((args.batch, *models.input_shape(args.model)), jnp.float32)
+    x = _zoo_sample(args.model, args.batch)
     variables = jax.jit(model.init)(jax.random.key(args.seed), x)
     t0 = time.perf_counter()
     space = generate_search_space(model.apply, variables, x, train=False)
@@ -61,9 +60,7 @@ def _run_cmd(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     kwargs = {k: v for k, v in vars(args).items() if k in fields}  # only the flags given
     kwargs["overrides"] = _parse_overrides(getattr(args, "set", None) or [])
-    cfg = RunConfig(**kwargs)
-    if "out" not in kwargs:
-        cfg.out = f"runs/{cfg.model}-{cfg.dataset}"
+    cfg = RunConfig(**kwargs)  # the flags not given take the defaults of the run's task
     run(cfg, progress=not args.quiet, progress_seconds=args.log_every)
     return 0
 
@@ -88,11 +85,20 @@ def _add_run_parser(sub) -> None:
         "run", help="search space -> H2SPG training -> sub-network (Algorithm 1)",
         description="Trains a zoo network once with H2SPG, builds the sub-network of the zero "
         "groups and writes report.json, report.md, pictures, plots, checkpoint and export into "
-        "--out. The defaults finish in a few minutes on a laptop CPU on scikit-learn's digits.",
+        "--out. The defaults finish in a few minutes on a laptop CPU on scikit-learn's digits. "
+        "Language modelling: `asgssd run --model decoder_lm` trains the zoo's small decoder "
+        "(4 layers, width 128: 8 attention and MLP blocks as removal structures) to predict "
+        "the next character of the Python standard library's own source (--dataset "
+        "python_source, no download), 6 epochs of 50 steps (300 steps, a few minutes on a CPU) "
+        "with AdamW under H2SPG, removing K = int(0.25 x 8) = 2 blocks, and reports the "
+        "validation loss (nats/char) and perplexity instead of the accuracy. Defaults marked "
+        "'language modelling' below are those of such a run.",
         argument_default=argparse.SUPPRESS)
     p.add_argument("--model", help="zoo model (see `asgssd models`)")
     p.add_argument("--dataset", help="digits, synthetic, or a TFDS name "
-                   "(fashion_mnist, cifar10, svhn_cropped, stl10, imagenet2012)")
+                   "(fashion_mnist, cifar10, svhn_cropped, stl10, imagenet2012) for the image "
+                   "models; python_source (the Python standard library's source as characters) "
+                   "for decoder_lm")
     p.add_argument("--data-dir", dest="data_dir", help="local TFDS data directory (offline)")
     p.add_argument("--target-sparsity", dest="target_sparsity", type=float,
                    help="fraction of the removal structures to remove, in [0, 1)")
@@ -103,6 +109,12 @@ def _add_run_parser(sub) -> None:
                    help="epochs over which the redundant groups are projected onto zero")
     p.add_argument("--finetune-epochs", dest="finetune_epochs", type=int,
                    help="epochs of fine-tuning of the sub-network (0: none)")
+    p.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int,
+                   help="training steps between two evaluations (default: one pass over the "
+                   "training images; language modelling: 50)")
+    p.add_argument("--context-length", dest="context_length", type=int,
+                   help="language modelling: characters per training window (default: the "
+                   "model's, 128 for decoder_lm)")
     p.add_argument("--batch-size", dest="batch_size", type=int,
                    help="global batch size (split over all devices)")
     p.add_argument("--lr", dest="learning_rate", type=float,
@@ -138,9 +150,9 @@ def _add_run_parser(sub) -> None:
                    help="weight decay")
     p.add_argument("--mixup", type=float, help="MixUp alpha (0: off)")
     p.add_argument("--train-size", dest="train_size", type=int,
-                   help="use only this many training examples")
+                   help="use only this many training examples (images, or windows of text)")
     p.add_argument("--test-size", dest="test_size", type=int,
-                   help="use only this many test examples")
+                   help="use only this many test examples (images, or windows of text)")
     p.add_argument("--baseline", action="store_true",
                    help="also train the full network with the base optimizer, for comparison")
     p.add_argument("--seed", type=int, help="random seed")
@@ -163,12 +175,17 @@ def _add_run_parser(sub) -> None:
 
 def _add_defaults_to_help(parser: argparse.ArgumentParser, defaults) -> None:
     """`` (default: X)`` after each option's help, X from ``defaults`` (the RunConfig), where
-    the help does not say its default itself."""
+    the help does not say its default itself; ``; language modelling: Y`` where another task's
+    default differs."""
+    from asgssd_jax import tasks
+
     for action in parser._actions:
         value = getattr(defaults, action.dest, None)
         if action.help and "default" not in action.help and value is not None \
                 and value is not False:
-            action.help += f" (default: {value})"
+            others = "".join(f"; {t.name.replace('_', ' ')}: {t.defaults[action.dest]}"
+                             for t in tasks.TASKS if t.defaults.get(action.dest, value) != value)
+            action.help += f" (default: {value}{others})"
 
 
 def _report_cmd(args: argparse.Namespace) -> int:
@@ -188,17 +205,42 @@ def _report_cmd(args: argparse.Namespace) -> int:
 
 def _models_cmd(args: argparse.Namespace) -> int:
     import asgssd_zoo as models
+    from asgssd_jax import tasks
 
+    print(f"{'model':<16} {'input':<10} {'paper/zoo dataset':<18} task (`asgssd run --model "
+          "NAME` trains it on)")
     for name in models.names():
         s = models.spec(name)
-        print(f"{name:<16} {'x'.join(map(str, s.input_shape)):<10} {s.dataset}")
+        task = tasks.default_task(name, None)
+        print(f"{name:<16} {'x'.join(map(str, s.input_shape)):<10} {s.dataset:<18} "
+              f"{task.description} ({task.defaults['dataset']} by default)")
+    print(f"Pairs of --model and --dataset that work: {tasks.pairs()}.")
     return 0
+
+
+def _zoo_sample(name: str, batch: int = 1):
+    """A zero input of the zoo model ``name``: images (float32) or token ids (int32)."""
+    import jax.numpy as jnp
+
+    import asgssd_zoo as models
+
+    return jnp.zeros((batch, *models.input_shape(name)), models.input_dtype(name))
+
+
+def _random_input(rng, shape: tuple[int, ...], dtype, vocab_size: int):
+    """A random input of ``shape``: standard normal, or token ids below ``vocab_size``."""
+    import numpy as np
+
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        return rng.integers(0, vocab_size, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
 
 
 # -- asgssd construct / asgssd export ------------------------------------------------------------
 def _construct_cmd(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import asgssd_zoo as models
     from asgssd_jax import (
@@ -227,7 +269,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
         if num_classes is None:  # runs of older versions recorded no num_classes
             num_classes = _infer_num_classes(name, overrides, _shapes(variables))
         model = _create_model(name, overrides, num_classes)
-        sample = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
+        sample = _zoo_sample(name)
         _check_variables_match(model, variables, sample, name, overrides)
         print(f"restored the H2SPG-trained variables of {name} from {run_dir}/checkpoints/h2spg "
               f"(step {step})")
@@ -243,7 +285,7 @@ def _construct_cmd(args: argparse.Namespace) -> int:
         _parse_group_indices(args.zero_groups, None, name)  # the syntax, before any work
         num_classes = None
         model = _create_model(name, overrides, num_classes)
-        sample = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
+        sample = _zoo_sample(name)
         # the groups and which sets are valid depend on the program only: check the request on
         # zeros before paying for the initialisation
         shapes = jax.eval_shape(model.init, jax.random.key(args.seed), sample)
@@ -276,7 +318,8 @@ def _construct_cmd(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     print(f"constructed the sub-network in {seconds:.2f} s")
 
-    x = jax.random.normal(jax.random.key(1), (4, *sample.shape[1:]), sample.dtype)
+    x = _random_input(np.random.default_rng(1), (4, *sample.shape[1:]), sample.dtype,
+                      num_classes or models.spec(name).num_classes)
     diff = relative_difference(_jit_apply(model.apply)(variables, x),
                                 _jit_apply(sub.apply)(sub.variables, x))
     print(f"check on a random batch of {x.shape[0]}: max relative difference to the zeroed full "
@@ -422,14 +465,13 @@ def _infer_num_classes(name: str, overrides: dict, shapes: dict[str, tuple[int, 
     """The ``num_classes`` a run built ``name`` with (it comes from the dataset): the size of
     the axis that follows ``num_classes`` in the saved variables' shapes."""
     import jax
-    import jax.numpy as jnp
 
     import asgssd_zoo as models
 
     if "num_classes" in overrides:
         return None
     default = models.spec(name).num_classes
-    sample = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
+    sample = _zoo_sample(name)
     a, b = (_shapes(jax.eval_shape(_create_model(name, overrides, c).init,
                                    jax.random.key(0), sample)) for c in (default, default + 1))
     for path, shape in a.items():
@@ -516,6 +558,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
+    import asgssd_zoo as models
     from asgssd_jax import (
         export_subnetwork,
         load_exported,
@@ -534,7 +577,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
                          "--model and --set FIELD=VALUE as when it was made)") from None
     sample_args = sub.plan.sample_args
     if sample_args is None:
-        sample_args = (jax.ShapeDtypeStruct((1, *input_shape), np.float32),)
+        sample_args = (jax.ShapeDtypeStruct((1, *input_shape), models.input_dtype(name)),)
     sample_args = tuple(sample_args)
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
@@ -566,7 +609,8 @@ def _export_cmd(args: argparse.Namespace) -> int:
     reference = _jit_apply(sub.apply)
     worst = 0.0
     for n in sizes:
-        x = tuple(rng.standard_normal((n, *a.shape[1:])).astype(a.dtype) for a in sample_args)
+        x = tuple(_random_input(rng, (n, *a.shape[1:]), a.dtype, num_classes or 2)
+                  for a in sample_args)
         diff = relative_difference(reference(sub.variables, *x), loaded(*x))
         print(f"reloaded artifact vs sub-network, batch {n}: max relative difference {diff:.2e}")
         worst = max(worst, diff)

@@ -4,6 +4,11 @@
 report (``report.json``, ``report.md``), pictures of the trace graph, the segment graph, the
 redundant structures and the sub-network (SVG), plots of loss/accuracy and group sparsity
 (PNG), the sub-network's orbax checkpoint and its ``jax.export`` artifact.
+
+The run's task (:mod:`asgssd_jax.tasks`) follows from the model and the dataset: image
+classification (accuracy), or next-character language modelling with ``decoder_lm`` on
+``python_source`` (validation loss in nats per character, perplexity, next-character
+accuracy). The pipeline itself is the same for both.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import asgssd_zoo as models
 from asgssd_jax import data as data_lib
+from asgssd_jax import tasks as tasks_lib
 from asgssd_jax import train as train_lib
 from asgssd_jax.cost import count_macs, count_params
 from asgssd_jax.optim import dhspg, h2spg, h2spg_info, proxsg_plus
@@ -35,38 +40,59 @@ __all__ = ["RunConfig", "run"]
 
 @dataclasses.dataclass
 class RunConfig:
-    """Everything one run needs; every field is a flag of ``asgssd run``."""
+    """Everything one run needs; every field is a flag of ``asgssd run``.
+
+    Fields left ``None`` take the defaults of the run's task (``tasks.Task.defaults``, chosen
+    by ``dataset``, else by ``model``) when the config is made: for an image model, DemoNet's
+    settings on digits; for ``decoder_lm``, a small language model on ``python_source``
+    (AdamW, 6 epochs of 50 steps).
+    """
 
     model: str = "demonet"
-    dataset: str = "digits"
-    target_sparsity: float = 0.5
+    dataset: str | None = None  # digits for image models, python_source for decoder_lm
+    target_sparsity: float | None = None  # 0.5; 0.25 for a language model
     epochs: int = 6
     warmup_epochs: int = 2
     projection_epochs: int = 2
     finetune_epochs: int = 0
-    batch_size: int = 64
-    learning_rate: float = 0.1
+    steps_per_epoch: int | None = None  # None: one pass over the training images; 50 for text
+    batch_size: int | None = None  # 64; 32 for a language model
+    learning_rate: float | None = None  # 0.1; 3e-3 for a language model
     lr_warmup_epochs: int = 1  # linear ramp of the learning rate (0: the paper's plain cosine)
     schedule: str = "cosine"  # cosine | multi_cosine | step | constant
     periods: int = 2  # cosine periods of multi_cosine
     step_epochs: int = 75  # the step schedule's learning rate falls x0.1 every step_epochs
     search_learning_rate: float | None = None  # constant rate of the search phase (Table 8)
-    base: str = "sgd"
+    base: str | None = None  # sgd; adamw for a language model
     optimizer: str = "h2spg"  # h2spg | dhspg | proxsg_plus (the Table 4 ablation)
     group_lasso: float | None = None  # None: the optimizer's default push on redundant groups
     fade_out: bool = False  # OTO's HESSO-style scheduled fade-out instead of the half-space test
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # 0; 0.01 for a language model
     mixup: float = 0.0
     seed: int = 0
     data_dir: str | None = None
     train_size: int | None = None
     test_size: int | None = None
+    context_length: int | None = None  # language modelling: characters per window (the model's)
     baseline: bool = False  # also train the full network with the base optimizer alone
-    out: str = "runs/demonet-digits"
+    out: str | None = None  # runs/MODEL-DATASET
     resume: bool = False  # continue the run in ``out`` from its last checkpoint
     overwrite: bool = False  # replace the run in ``out``
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # model fields
+
+    def __post_init__(self) -> None:
+        task = tasks_lib.default_task(self.model, self.dataset)
+        for name, value in task.defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.out is None:
+            self.out = f"runs/{self.model}-{self.dataset}"
+
+    @property
+    def task(self) -> tasks_lib.Task:
+        """The run's task; a model and dataset that do not pair raise ``ValueError``."""
+        return tasks_lib.task_for(self.model, self.dataset)
 
     def validate(self) -> None:
         if not 0.0 <= self.target_sparsity < 1.0:
@@ -91,11 +117,21 @@ class RunConfig:
             raise ValueError(f"--search-lr must be positive, got {self.search_learning_rate}")
         if not self.learning_rate > 0:
             raise ValueError(f"--lr must be positive, got {self.learning_rate}")
+        for name in ("steps_per_epoch", "context_length", "train_size", "test_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         self._check_flags_apply()
 
     def _check_flags_apply(self) -> None:
         """A setting that would be silently ignored is an error."""
         d = RunConfig()
+        task = self.task
+        for other in tasks_lib.TASKS:
+            for name in other.own_fields if other is not task else ():
+                if getattr(self, name) != getattr(d, name):
+                    raise ValueError(
+                        f"--{name.replace('_', '-')} applies to {other.description} only (this "
+                        f"run, {self.model} on {self.dataset}, is {task.description})")
         if self.data_dir is not None and self.dataset in data_lib.BUILTIN:
             raise ValueError(
                 f"--data-dir is for tensorflow-datasets data; the {self.dataset!r} dataset is "
@@ -234,16 +270,16 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
 
     cfg.validate()
     out = Path(cfg.out)
-    spec = models.spec(cfg.model)
-    ds = data_lib.load(cfg.dataset, data_dir=cfg.data_dir, input_shape=spec.input_shape,
-                       train_size=cfg.train_size, test_size=cfg.test_size)
+    task = cfg.task
+    ds = task.load(cfg, models.spec(cfg.model))
     _prepare_run_dir(cfg, out)
-    model = models.create(cfg.model, num_classes=ds.num_classes, **cfg.overrides)
+    model = models.create(cfg.model, num_classes=ds.num_outputs, **cfg.overrides)
     # What the run trains, written first so that a killed run can be rebuilt (asgssd construct).
     (out / "config.json").write_text(json.dumps(
-        {**dataclasses.asdict(cfg), "num_classes": ds.num_classes,
-         "input_shape": list(ds.input_shape)}, indent=2, default=_json_default))
-    sample = jnp.zeros((1, *ds.input_shape), jnp.float32)
+        {**dataclasses.asdict(cfg), "task": task.name, "num_classes": ds.num_outputs,
+         "input_shape": list(ds.input_shape), "input_dtype": ds.input_dtype},
+        indent=2, default=_json_default))
+    sample = ds.sample()
     variables = jax.jit(model.init)(jax.random.key(cfg.seed), sample)
     t0 = time.perf_counter()
     space = generate_search_space(model.apply, variables, sample, train=False)
@@ -251,7 +287,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     log(f"{cfg.model} on {cfg.dataset}: {count_params(variables):,} params, "
         f"{space.num_groups} removal structures (generated in {generation_seconds:.2f} s)")
 
-    spe = data_lib.num_batches(ds.train, cfg.batch_size)
+    spe = ds.steps_per_epoch
     total = cfg.epochs * spe
     schedule = _schedule(cfg, total, spe)
     tx = _OPTIMIZERS[cfg.optimizer](
@@ -261,18 +297,24 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         **({} if cfg.group_lasso is None else {"group_lasso": cfg.group_lasso}))
     k = int(cfg.target_sparsity * space.num_groups)
 
-    def train_batches(epoch: int, split=ds.train, augment=ds.augment, seed=cfg.seed):
-        return data_lib.batches(split, cfg.batch_size, seed=seed, epoch=epoch,
-                                augment=augment, mixup_alpha=cfg.mixup)
+    train_batches, eval_batches = ds.train_batches, ds.eval_batches
 
-    def eval_batches():
-        return data_lib.batches(ds.test, 256, shuffle=False, drop_remainder=False)
+    def evaluate(apply_fn, variables) -> dict[str, float]:
+        return task.summarize(train_lib.evaluate(apply_fn, variables, eval_batches()))
+
+    def figures(evaluation: dict[str, float], prefix: str = "") -> str:
+        return ", ".join(f"{m.key} {evaluation[prefix + m.key]:.4f}" for m in task.metrics)
+
+    def last_evaluation(history) -> dict[str, Any]:
+        """The ``eval_`` figures of the last epoch, and every epoch's record."""
+        return {**{k: v for k, v in history.epochs[-1].items() if k.startswith("eval_")},
+                "history": history.epochs}
 
     sparsity_curve: list[dict[str, float]] = []
     last = {}  # the H2SPG state of the last step, left on the device until the end
 
     with _Progress(progress, log, progress_seconds) as bar:
-        task = bar.task("H2SPG", total)
+        progress_task = bar.task("H2SPG", total)
 
         def on_step(step, metrics, state):
             last["info"] = info = h2spg_info(state.opt_state)
@@ -280,7 +322,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
             zeros = int(np.sum(zero))
             sparsity_curve.append({"step": step, "zero_groups": zeros,
                                    "redundant": int(np.sum(redundant))})
-            bar.update(task, info=f"loss {metrics['loss']:.3f} zero groups {zeros}/{k}")
+            bar.update(progress_task, info=f"loss {metrics['loss']:.3f} zero groups {zeros}/{k}")
 
         def on_epoch(epoch, record):
             log(f"epoch {epoch}/{cfg.epochs}: " + ", ".join(
@@ -290,7 +332,8 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         trained, history = train_lib.fit(
             model.apply, variables, tx, train_batches, epochs=cfg.epochs, steps_per_epoch=spe,
             eval_batches=eval_batches, checkpoint_dir=out / "checkpoints" / "h2spg",
-            checkpoint_every=spe, resume=cfg.resume, on_step=on_step, on_epoch=on_epoch)
+            checkpoint_every=spe, resume=cfg.resume, on_step=on_step, on_epoch=on_epoch,
+            summarize=task.summarize)
         train_seconds = time.perf_counter() - t_train
 
         baseline = None
@@ -298,10 +341,9 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
             _, dense_hist = train_lib.fit(
                 model.apply, variables, _base_tx(cfg, schedule), train_batches,
                 epochs=cfg.epochs, steps_per_epoch=spe, eval_batches=eval_batches,
-                on_epoch=lambda e, r: log(f"baseline epoch {e}: eval accuracy "
-                                          f"{r['eval_accuracy']:.4f}"))
-            baseline = {"eval_accuracy": dense_hist.epochs[-1]["eval_accuracy"],
-                        "history": dense_hist.epochs}
+                on_epoch=lambda e, r: log(f"baseline epoch {e}: eval {figures(r, 'eval_')}"),
+                summarize=task.summarize)
+            baseline = last_evaluation(dense_hist)
 
     zeroing = []  # per zeroed group: its step (1-based), test or safeguard, relative norm
     if "info" in last:
@@ -316,7 +358,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         saliency = np.zeros(space.num_groups, np.float32)
     zero = space.zero_group_indices(trained)
     valid = space.is_valid(zero)
-    full_eval = train_lib.evaluate(model.apply, trained, eval_batches())
+    full_eval = evaluate(model.apply, trained)
     x_check = next(iter(eval_batches()))[0][:32]
     sub, sub_report, finetune, export_error = None, None, None, None
     if not valid:
@@ -326,23 +368,24 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
         t_sub = time.perf_counter()
         sub = construct_subnetwork(space, trained)
         construct_seconds = time.perf_counter() - t_sub
-        sub_eval = train_lib.evaluate(sub.apply, sub.variables, eval_batches())
+        sub_eval = evaluate(sub.apply, sub.variables)
         ref = model.apply(trained, x_check, train=False)
         got = sub.apply(sub.variables, x_check, train=False)
         exact_err = relative_difference(ref, got)
-        log(f"sub-network: {count_params(sub.variables):,} params; accuracy full "
-            f"{full_eval['accuracy']:.4f}, sub {sub_eval['accuracy']:.4f}; relative "
-            f"difference to the zeroed full network {exact_err:.2e}")
+        log(f"sub-network: {count_params(sub.variables):,} params; " + ", ".join(
+            f"{m.key} full {full_eval[m.key]:.4f}, sub {sub_eval[m.key]:.4f}"
+            for m in task.metrics) + f"; relative difference to the zeroed full network "
+            f"{exact_err:.2e}")
         sub_variables = sub.variables
         if cfg.finetune_epochs:
             ft_tx = _base_tx(cfg, train_lib.cosine_schedule(cfg.learning_rate * 0.1,
                                                             cfg.finetune_epochs * spe))
             sub_variables, ft_hist = train_lib.fit(
                 sub.apply, sub.variables, ft_tx, lambda e: train_batches(e + cfg.epochs),
-                epochs=cfg.finetune_epochs, steps_per_epoch=spe, eval_batches=eval_batches)
-            finetune = {"eval_accuracy": ft_hist.epochs[-1]["eval_accuracy"],
-                        "history": ft_hist.epochs}
-            log(f"fine-tuned sub-network: eval accuracy {finetune['eval_accuracy']:.4f}")
+                epochs=cfg.finetune_epochs, steps_per_epoch=spe, eval_batches=eval_batches,
+                summarize=task.summarize)
+            finetune = last_evaluation(ft_hist)
+            log(f"fine-tuned sub-network: eval {figures(finetune, 'eval_')}")
         ckpt = save_subnetwork(out / "subnetwork_checkpoint", sub, sub_variables, force=True)
         try:
             export_subnetwork(sub, x_check, path=out / "subnetwork.jax_export",
@@ -353,7 +396,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
                 f"{export_error}")
         sub_report = {"params": count_params(sub_variables),
                       "macs": count_macs(sub.apply, sub_variables, sample, train=False),
-                      "eval_accuracy": sub_eval["accuracy"],
+                      **{f"eval_{k}": v for k, v in sub_eval.items()},
                       "relative_difference_to_zeroed_full": exact_err,
                       "construction_seconds": construct_seconds,
                       # paths relative to the run directory, which may move
@@ -363,6 +406,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
     report = {
         "model": cfg.model,
         "dataset": cfg.dataset,
+        "task": {"name": task.name, **ds.details},
         "config": dataclasses.asdict(cfg),
         "search_space": {"num_groups": space.num_groups, "K": k,
                          "generation_seconds": generation_seconds,
@@ -371,7 +415,7 @@ def run(cfg: RunConfig, *, log: Callable[[str], None] = print, progress: bool = 
                                     for g in space.groups]},
         "full": {"params": count_params(trained),
                  "macs": count_macs(model.apply, trained, sample, train=False),
-                 "eval_accuracy": full_eval["accuracy"], "eval_loss": full_eval["loss"]},
+                 **{f"eval_{k}": v for k, v in full_eval.items()}},
         "valid": valid,
         "subnetwork": sub_report,
         "zero_groups": zero,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from asgssd_jax import viz
+from asgssd_jax import tasks, viz
 from asgssd_jax.trace import trace
 
 __all__ = ["PICTURES", "draw_subnetwork", "plot_history", "redraw", "write_all",
@@ -52,6 +52,11 @@ def redraw(report: dict[str, Any], out: Path) -> list[Path]:
     return files + plot_history(report, out) + [write_markdown(report, out)]
 
 
+def _task(report: dict[str, Any]) -> tasks.Task:
+    """The run's task (runs written before report.json named it were classifications)."""
+    return tasks.get(report.get("task", {}).get("name", tasks.CLASSIFICATION.name))
+
+
 def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
     """loss_accuracy.png and group_sparsity.png, with H2SPG's phases shaded: warm-up, the
     hierarchical search at its end, projection (needs matplotlib; skipped without it)."""
@@ -75,16 +80,18 @@ def plot_history(report: dict[str, Any], out: Path) -> list[Path]:
     ax1.grid(alpha=0.3)
     _mark_phases(ax1, phases, 1)
     epochs = [r["epoch"] for r in hist["epochs"]]
-    ax2.plot(epochs, [r.get("eval_accuracy", float("nan")) for r in hist["epochs"]], "o-",
+    headline = _task(report).metrics[0]  # test accuracy, or validation loss
+    key = f"eval_{headline.key}"
+    ax2.plot(epochs, [r.get(key, float("nan")) for r in hist["epochs"]], "o-",
              label=f"{report['config'].get('optimizer', 'h2spg')} (full network)")
     if report.get("baseline"):
-        ax2.plot(epochs, [r["eval_accuracy"] for r in report["baseline"]["history"]], "s--",
+        ax2.plot(epochs, [r[key] for r in report["baseline"]["history"]], "s--",
                  label="base optimizer only")
     if report.get("subnetwork"):
-        ax2.axhline(report["subnetwork"]["eval_accuracy"], color="tab:green", ls=":",
+        ax2.axhline(report["subnetwork"][key], color="tab:green", ls=":",
                     label="sub-network")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("test accuracy")
+    ax2.set_ylabel(headline.label)
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     _mark_phases(ax2, phases, phases["steps_per_epoch"], labels=True)
     files.append(_save_figure(plt, fig, ax2, out / "loss_accuracy.png"))
@@ -178,6 +185,12 @@ def _picture_lines(out: Path) -> list[str]:
 def write_markdown(report: dict[str, Any], out: Path) -> Path:
     """report.md: the run's figures in tables, with links to the pictures."""
     full, sub = report["full"], report["subnetwork"]
+    metrics = _task(report).metrics
+
+    def row(name: str, params: float, macs: float, figures: dict[str, Any]) -> str:
+        return f"| {name} | {_m(params)} | {_m(macs)} | " + " | ".join(
+            f"{figures[f'eval_{m.key}']:.4f}" for m in metrics) + " |"
+
     ss = report["search_space"]
     opt = {"h2spg": "H2SPG", "dhspg": "DHSPG", "proxsg_plus": "ProxSG+"}[
         report["config"].get("optimizer", "h2spg")]
@@ -189,24 +202,23 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         f"{', '.join(f'g{i}' for i in report['zero_groups']) or 'none'}.",
         "",
         *([_zeroing_line(report["zeroing"]), ""] if report.get("zeroing") else []),
-        "| | params | MACs | test accuracy |",
-        "|---|---|---|---|",
-        f"| full network ({opt}-trained) | {_m(full['params'])} | {_m(full['macs'])} | "
-        f"{full['eval_accuracy']:.4f} |",
+        "| | params | MACs | " + " | ".join(m.label for m in metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+        row(f"full network ({opt}-trained)", full["params"], full["macs"], full),
     ]
     if sub is None:
-        lines.append("| sub-network | invalid: the zero groups cut the network | | |")
+        lines.append("| sub-network | invalid: the zero groups cut the network | |"
+                     + " |" * len(metrics))
         sub = {"params": 0, "macs": 0, "relative_difference_to_zeroed_full": float("nan"),
                "construction_seconds": 0.0, "checkpoint": "-", "export": "-"}
     else:
-        lines.append(f"| sub-network | {_m(sub['params'])} | {_m(sub['macs'])} | "
-                     f"{sub['eval_accuracy']:.4f} |")
+        lines.append(row("sub-network", sub["params"], sub["macs"], sub))
     if report.get("baseline"):
-        lines.append(f"| full network, base optimizer only | {_m(full['params'])} | "
-                     f"{_m(full['macs'])} | {report['baseline']['eval_accuracy']:.4f} |")
+        lines.append(row("full network, base optimizer only", full["params"], full["macs"],
+                         report["baseline"]))
     if report.get("finetune"):
-        lines.append(f"| sub-network, fine-tuned | {_m(sub['params'])} | {_m(sub['macs'])} | "
-                     f"{report['finetune']['eval_accuracy']:.4f} |")
+        lines.append(row("sub-network, fine-tuned", sub["params"], sub["macs"],
+                         report["finetune"]))
     search = report.get("search_cost_seconds")
     lines += [
         "",

@@ -17,14 +17,15 @@ every figure trained on it) is the same on machines with the same Python version
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TEST_MODULES", "TRAIN_MODULES", "VOCAB_SIZE", "TextDataset", "batches", "encode",
-           "decode", "load_python_source", "num_batches"]
+__all__ = ["TEST_MODULES", "TRAIN_MODULES", "VOCAB_SIZE", "TextDataset", "batches",
+           "batches_from", "encode", "decode", "load_python_source", "num_batches"]
 
 VOCAB_SIZE = 128
 
@@ -112,13 +113,15 @@ def _num_windows(stream: np.ndarray, length: int) -> int:
 
 
 def batches(stream: np.ndarray, length: int, batch_size: int, *, seed: int = 0, epoch: int = 0,
-            shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            shuffle: bool = True, drop_remainder: bool = True
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch of ``(x, y)`` windows; a pure function of ``(seed, epoch)``.
 
     The stream is cut into windows of ``length + 1`` characters starting at a random offset
     below ``length`` (so that window boundaries move from epoch to epoch), visited in a random
     order; ``shuffle=False`` gives the fixed windows from offset 0 in order (evaluation).
-    ``x`` is a window's first ``length`` characters and ``y`` its last ``length``.
+    ``x`` is a window's first ``length`` characters and ``y`` its last ``length``. With
+    ``drop_remainder=False`` a last, smaller batch holds the windows left over.
     """
     if batch_size <= 0 or length <= 0:
         raise ValueError("batch_size and length must be positive")
@@ -127,6 +130,21 @@ def batches(stream: np.ndarray, length: int, batch_size: int, *, seed: int = 0, 
     count = _num_windows(stream, length)
     starts = offset + length * (rng.permutation(count) if shuffle else np.arange(count))
     window = np.arange(length + 1)
-    for b in range(count // batch_size):
-        rows = stream[starts[b * batch_size:(b + 1) * batch_size, None] + window].astype(np.int32)
+    for b in range(0, count if not drop_remainder else count - count % batch_size, batch_size):
+        rows = stream[starts[b:b + batch_size, None] + window].astype(np.int32)
         yield rows[:, :-1], rows[:, 1:]
+
+
+def batches_from(stream: np.ndarray, length: int, batch_size: int, start: int, *,
+                 seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Training batches without end, from batch ``start`` of the sequence that chains
+    ``batches(..., epoch=0)``, ``batches(..., epoch=1)``, ...: a run that counts its steps in
+    batches rather than passes over the text (``start`` resumes it mid-pass)."""
+    per_pass = num_batches(stream, length, batch_size)
+    if per_pass < 1:
+        raise ValueError(f"{len(stream)} characters hold fewer than {batch_size} windows of "
+                         f"{length} + 1: use more text, a smaller batch or a shorter length")
+    epoch, skip = divmod(start, per_pass)
+    for e in itertools.count(epoch):
+        yield from itertools.islice(batches(stream, length, batch_size, seed=seed, epoch=e),
+                                    skip if e == epoch else 0, None)

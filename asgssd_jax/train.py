@@ -1,6 +1,9 @@
 """A reference training loop: jit, data-parallel over every device, orbax checkpoints.
 
-``fit`` trains any linen classifier (``apply(variables, x)``, called with ``train=True`` or
+``fit`` trains any linen model that predicts classes: an image classifier (logits
+``[B, classes]``) or a language model (logits ``[B, T, vocab]`` for next-token targets
+``[B, T]``), on the mean cross-entropy of every prediction. The model is ``apply(variables, x)``,
+called with ``train=True`` or
 ``False`` when the model's ``__call__`` takes ``train``; BatchNorm statistics in
 ``batch_stats``) with any optax transformation, H2SPG included. Batches are sharded over a 1-D
 ``Mesh`` of all devices (of all processes after ``jax.distributed.initialize``) along the batch
@@ -31,6 +34,7 @@ __all__ = [
     "cosine_schedule",
     "cross_entropy",
     "evaluate",
+    "hard_labels",
     "fit",
     "mode_kwargs",
     "make_mesh",
@@ -81,10 +85,21 @@ def multi_cosine_schedule(learning_rate: float, total_steps: int, periods: int,
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy; ``labels`` are class ids or (MixUp) soft labels."""
+    """Mean softmax cross-entropy over every prediction: ``labels`` are class ids (one axis
+    fewer than ``logits``: ``[B]`` for ``[B, C]``, next tokens ``[B, T]`` for ``[B, T, V]``) or
+    (MixUp) soft labels of ``logits``' shape."""
+    return _prediction_losses(logits, labels).mean()
+
+
+def _prediction_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
     if labels.ndim == logits.ndim:
-        return optax.softmax_cross_entropy(logits, labels).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return optax.softmax_cross_entropy(logits, labels)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def hard_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The class id of each prediction: ``labels`` themselves, or soft labels' argmax."""
+    return labels if labels.ndim == logits.ndim - 1 else jnp.argmax(labels, -1)
 
 
 def make_mesh(devices: Iterable[Any] | None = None) -> Mesh:
@@ -135,7 +150,7 @@ def make_train_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformati
         (value, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        hard = y if y.ndim == 1 else jnp.argmax(y, -1)
+        hard = hard_labels(logits, y)
         metrics = {"loss": value, "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard),
                    "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, params, stats, opt_state), metrics
@@ -155,26 +170,30 @@ def _global_batch(mesh: Mesh, x: np.ndarray) -> jax.Array:
 def evaluate(apply_fn: Callable[..., Any], variables: Any,
              batches: Iterable[tuple[np.ndarray, np.ndarray]], mesh: Mesh | None = None
              ) -> dict[str, float]:
-    """Accuracy and loss in inference mode over ``batches`` (any batch sizes)."""
+    """Mean loss and accuracy over every prediction of ``batches`` (any batch sizes), in
+    inference mode: per image for a classifier, per token (nats per token) for a language
+    model."""
     mesh = mesh or make_mesh()
     n_dev = mesh.devices.size
     mode = mode_kwargs(apply_fn, False)
 
     @jax.jit
-    def logits_fn(v, x):
-        return apply_fn(v, x, **mode)
+    def sums(v, x, y, n):
+        logits = apply_fn(v, x, **mode)
+        rows = (jnp.arange(x.shape[0]) < n).reshape((-1,) + (1,) * (logits.ndim - 2))
+        counted = jnp.broadcast_to(rows, logits.shape[:-1])  # padding rows are not
+        correct = jnp.argmax(logits, -1) == hard_labels(logits, y)
+        return (jnp.where(counted, _prediction_losses(logits, y), 0.0).sum(),
+                jnp.sum(correct & counted), jnp.sum(counted))
 
-    correct = total = 0
-    loss_sum = 0.0
+    loss_sum = correct = total = 0.0
     for x, y in batches:
         n = len(x)
         pad = (-n) % n_dev
-        xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-        logits = np.asarray(logits_fn(variables, _global_batch(mesh, xp)))[:n]
-        hard = y if y.ndim == 1 else y.argmax(-1)
-        correct += int((logits.argmax(-1) == hard).sum())
-        loss_sum += float(cross_entropy(jnp.asarray(logits), jnp.asarray(y))) * n
-        total += n
+        if pad:
+            x, y = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (x, y))
+        s = jax.device_get(sums(variables, _global_batch(mesh, x), _global_batch(mesh, y), n))
+        loss_sum, correct, total = loss_sum + float(s[0]), correct + int(s[1]), total + int(s[2])
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 
@@ -202,6 +221,7 @@ def fit(
     resume: bool = False,
     on_step: Callable[[int, dict[str, float], TrainState], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    summarize: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> tuple[Any, History]:
     """Trains for ``epochs`` x ``steps_per_epoch`` steps; returns the variables and history.
 
@@ -209,6 +229,8 @@ def fit(
     deterministically (a resumed run skips the batches already seen). With ``checkpoint_dir``,
     the state is saved with orbax every ``checkpoint_every`` steps and at the end of each epoch;
     ``resume=True`` continues from the latest checkpoint to the same final parameters.
+    ``summarize`` adds figures derived from each evaluation (``tasks.Task.summarize``: the
+    perplexity of a language model); the epoch records hold them with an ``eval_`` prefix.
     """
     mesh = mesh or make_mesh()
     if not isinstance(variables, dict) or "params" not in variables:
@@ -256,8 +278,10 @@ def fit(
         record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0}
         if eval_batches is not None:
             v = {"params": state.params, "batch_stats": state.batch_stats}
-            record.update({f"eval_{k}": val
-                           for k, val in evaluate(apply_fn, v, eval_batches(), mesh).items()})
+            evaluation = evaluate(apply_fn, v, eval_batches(), mesh)
+            if summarize is not None:
+                evaluation = summarize(evaluation)
+            record.update({f"eval_{k}": val for k, val in evaluation.items()})
         history.epochs.append(record)
         if on_epoch is not None:
             on_epoch(epoch + 1, record)

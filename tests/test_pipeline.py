@@ -140,7 +140,8 @@ def test_run_help_states_each_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text
     assert text.count("(default: runs/MODEL-DATASET)") == 1
-    assert "(default: 0.5)" in text and "(default: demonet)" in text
+    assert "(default: 0.5; language modelling: 0.25)" in text and "(default: demonet)" in text
+    assert "(default: 6)" in text  # the epochs: the same for every task
 
 
 def test_cli_user_errors_have_no_traceback(capsys):

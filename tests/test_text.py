@@ -45,3 +45,26 @@ def test_bad_arguments_say_what_to_do(tmp_path):
         text.load_python_source(stdlib=tmp_path)
     with pytest.raises(ValueError, match="max_chars"):
         text.load_python_source(length=64, max_chars=10)
+
+
+def test_evaluation_batches_keep_the_last_partial_batch(ds):
+    full = list(text.batches(ds.test, 16, 3, shuffle=False, drop_remainder=False))
+    windows = (len(ds.test) - 16) // 16
+    assert sum(len(x) for x, _ in full) == windows
+    assert len(full[-1][0]) == (windows % 3 or 3)
+    kept = list(text.batches(ds.test, 16, 3, shuffle=False))
+    assert len(kept) == windows // 3
+
+
+def test_batches_from_runs_on_across_passes_and_resumes_anywhere(ds):
+    import itertools
+
+    per_pass = text.num_batches(ds.train, 16, 8)
+    stream = [x for x, _ in itertools.islice(text.batches_from(ds.train, 16, 8, 0), 2 * per_pass)]
+    second_pass = [x for x, _ in text.batches(ds.train, 16, 8, epoch=1)]
+    assert all((a == b).all() for a, b in zip(stream[per_pass:], second_pass))
+    start = per_pass + 3
+    resumed = [x for x, _ in itertools.islice(text.batches_from(ds.train, 16, 8, start), 4)]
+    assert all((a == b).all() for a, b in zip(resumed, stream[start:start + 4]))
+    with pytest.raises(ValueError, match="fewer than"):
+        next(text.batches_from(ds.train[:40], 16, 8, 0))
