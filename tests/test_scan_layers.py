@@ -234,3 +234,39 @@ def test_nnx_scan_over_a_vmapped_stack():
     second = model(x)
     assert ag.relative_difference(second, sub(x)) <= RTOL
     assert ag.relative_difference(first, second) > 1e-3  # new dropout masks each call
+
+
+class _BNLayer(nn.Module):
+    train: bool
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.BatchNorm(use_running_average=not self.train)(nn.Dense(2 * D)(x))
+        return x + nn.Dense(D)(nn.relu(h)), None
+
+
+class _BNScanNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        stack = nn.scan(_BNLayer, variable_axes={"params": 0, "batch_stats": 0},
+                        split_rngs={"params": True}, length=L)
+        x, _ = stack(train, name="layers")(x, None)
+        return nn.Dense(2)(x)
+
+
+def test_nn_scan_batch_statistics_of_the_kept_layers_update_in_train_mode():
+    model = _BNScanNet()
+    v = model.init(jax.random.key(0), _x(4))
+    space = ag.generate_search_space(model.apply, v, _x(4), train=False)
+    assert space.num_groups == L
+    z = space.zero_groups(v, [1])
+    sub = ag.construct_subnetwork(space, z)
+    assert sub.variables["batch_stats"]["layers"]["BatchNorm_0"]["mean"].shape == (L - 1, 2 * D)
+    x = _x(5, seed=40)
+    assert ag.relative_difference(model.apply(z, x), sub.apply(sub.variables, x)) <= RTOL
+    full, updates = model.apply(z, x, train=True, mutable=["batch_stats"])
+    got, sub_updates = sub.apply(sub.variables, x, train=True, mutable=["batch_stats"])
+    assert ag.relative_difference(full, got) <= RTOL
+    kept = np.asarray(updates["batch_stats"]["layers"]["BatchNorm_0"]["mean"])[[0, 2]]
+    np.testing.assert_allclose(sub_updates["batch_stats"]["layers"]["BatchNorm_0"]["mean"],
+                               kept, rtol=RTOL, atol=1e-7)
