@@ -31,6 +31,7 @@ import optax
 
 from asgssd_jax.optim.saliency import SaliencyFn, SaliencyInputs, resolve_saliency
 from asgssd_jax.optim.search import SearchGraph, hierarchical_search, top_k_search
+from asgssd_jax.search_space import LeafGroupMap
 
 __all__ = [
     "H2SPGInfo",
@@ -224,40 +225,53 @@ def _check_steps(warmup_steps, projection_steps, name: str) -> None:
 class _Layout:
     """How a params tree maps onto the search space (computed at trace time)."""
 
-    leaf_groups: tuple[int, ...]
-    grouped: tuple[int, ...]  # indices of leaves in G_s
-    buckets: tuple[tuple[int, ...], ...]  # grouped leaves of one shape and dtype
+    maps: tuple[LeafGroupMap, ...]  # which groups own the entries of each leaf
+    leaf_groups: tuple[int, ...]  # group owning each whole leaf, -1 for G_s^C and split leaves
+    whole: tuple[int, ...]  # indices of leaves one group owns whole
+    split: tuple[int, ...]  # indices of leaves split between groups (slices along an axis)
+    buckets: tuple[tuple[int, ...], ...]  # whole leaves of one shape and dtype
     bucket_groups: np.ndarray  # group of each leaf of the buckets, in bucket order
-    members: tuple[tuple[int, ...], ...]  # the leaves of each group
+    members: tuple[tuple[int, ...], ...]  # the whole leaves of each group
 
 
 def _layout(space, params, name: str) -> _Layout:
     try:
-        gids = tuple(space.leaf_groups(params))
+        maps = tuple(space.leaf_group_maps(params))
     except ValueError as e:
         raise ValueError(f"{name}: the params tree does not match the search space: {e}") from None
     leaves = jax.tree_util.tree_leaves(params)
-    shapes = space.trace.program
+    owners: dict[int, list[tuple[int, ...]]] = {}
+    for x, m in zip(leaves, maps):
+        for g in np.unique(m.ids[m.ids >= 0]):
+            owners.setdefault(int(g), []).append(tuple(np.shape(x)))
+        if m.axis is not None and (m.axis >= np.ndim(x) or np.shape(x)[m.axis] != len(m.ids)):
+            raise ValueError(
+                f"{name}: the params tree does not match the search space: a leaf of shape "
+                f"{np.shape(x)} is split into {len(m.ids)} slices along axis {m.axis}; pass "
+                "variables['params'] of the model the space was generated from")
+    program = space.trace.program
     for gr in space.groups:
-        want = sorted(tuple(shapes.shape(shapes.leaf_vars[i])) for i in gr.leaves)
-        got = sorted(tuple(np.shape(x)) for x, g in zip(leaves, gids) if g == gr.index)
+        want = sorted(tuple(program.shape(program.leaf_vars[i])) for i in gr.leaves)
+        got = sorted(owners.get(gr.index, []))
         if want != got:
             raise ValueError(
                 f"{name}: the params tree does not match the search space: group {gr.index} "
                 f"({', '.join(gr.param_paths)}) expects leaves of shapes {want}, the tree has "
                 f"{got}; pass variables['params'] of the model the space was generated from")
-    grouped = tuple(i for i, g in enumerate(gids) if g >= 0)
+    gids = tuple(m.whole if m.axis is None else -1 for m in maps)
+    whole = tuple(i for i, g in enumerate(gids) if g >= 0)
+    split = tuple(i for i, m in enumerate(maps) if m.axis is not None and m.grouped)
     by_kind: dict[tuple, list[int]] = {}
-    for i in grouped:
+    for i in whole:
         by_kind.setdefault((np.shape(leaves[i]), str(leaves[i].dtype)), []).append(i)
     buckets = tuple(tuple(b) for b in by_kind.values())
     order = np.array([gids[i] for b in buckets for i in b], np.int32)
-    members = tuple(tuple(i for i in grouped if gids[i] == g) for g in range(space.num_groups))
-    return _Layout(gids, grouped, buckets, order, members)
+    members = tuple(tuple(i for i in whole if gids[i] == g) for g in range(space.num_groups))
+    return _Layout(maps, gids, whole, split, buckets, order, members)
 
 
-# Up to this many grouped leaves, statistics are summed leaf by leaf (fastest to run); beyond,
-# leaves of one shape are stacked first (far fewer operations to compile).
+# Up to this many whole grouped leaves, statistics are summed leaf by leaf (fastest to run);
+# beyond, leaves of one shape are stacked first (far fewer operations to compile).
 _FEW_LEAVES = 256
 
 
@@ -266,17 +280,35 @@ def _dots(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(x * x), jnp.sum(x * y), jnp.sum(y * y)])
 
 
-def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array:
-    """``float32[3, G]``: each group's <a, a>, <a, b> and <b, b> over its leaves.
+def _split_dots(m: LeafGroupMap, num_groups: int, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``float32[3, G]``: <x, x>, <x, y>, <y, y> of one split leaf's slices, summed by group:
+    a reduction over the other axes, then one segment sum over the slices' group ids."""
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    other = tuple(a for a in range(x.ndim) if a != m.axis)
+    per = jnp.stack([jnp.sum(x * x, other), jnp.sum(x * y, other), jnp.sum(y * y, other)])
+    ids = np.where(m.ids >= 0, m.ids, num_groups)  # G_s^C's slices go to a dropped segment
+    return jax.ops.segment_sum(per.T, ids, num_groups + 1)[:num_groups].T
 
-    Leaves of one shape are stacked and reduced together, so the number of operations (and
-    the compile time) grows with the number of distinct shapes, not of leaves.
+
+def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array:
+    """``float32[3, G]``: each group's <a, a>, <a, b> and <b, b> over its entries.
+
+    Whole leaves of one shape are stacked and reduced together, so the number of operations
+    (and the compile time) grows with the number of distinct shapes, not of leaves; a split
+    leaf (a stacked layer parameter) is reduced once for all its slices.
     """
-    if not layout.grouped:
-        return jnp.zeros((3, num_groups), jnp.float32)
-    if len(layout.grouped) <= _FEW_LEAVES:
-        return jnp.stack([sum(_dots(a[i], b[i]) for i in leaves)
-                          for leaves in layout.members], axis=1)
+    split = [_split_dots(layout.maps[i], num_groups, a[i], b[i]) for i in layout.split]
+    if layout.whole:
+        split.append(_whole_dots(layout, num_groups, a, b))
+    return sum(split[1:], split[0]) if split else jnp.zeros((3, num_groups), jnp.float32)
+
+
+def _whole_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array:
+    """:func:`_group_dots` over the whole leaves."""
+    if len(layout.whole) <= _FEW_LEAVES:
+        zero = jnp.zeros(3, jnp.float32)
+        return jnp.stack([functools.reduce(jnp.add, [_dots(a[i], b[i]) for i in leaves])
+                          if leaves else zero for leaves in layout.members], axis=1)
     sums = []
     for bucket in layout.buckets:
         if len(bucket) == 1:  # stacking one leaf would only add a copy
@@ -293,17 +325,17 @@ def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array
     return jax.vmap(lambda v: jax.ops.segment_sum(v, layout.bucket_groups, num_groups))(per_leaf)
 
 
-def _per_group_scalars(always: jax.Array, arrays: tuple[jax.Array, ...]) -> list[list[jax.Array]]:
-    """The entries of each ``[G]`` array as separate scalars, for the per-leaf updates.
+def _as_buffers(always: jax.Array, values: Any) -> Any:
+    """``values`` (a tree of small arrays), returned by a conditional as plain buffers.
 
-    A static slice of a shared array is fused into every consumer, so every leaf would get a
-    kernel of its own; scalars that leave a conditional are plain buffers, and leaves of one
-    shape share one kernel (DARTS-8, 2,807 leaves, compiles about 4x faster). ``always`` is a
+    A value computed from many others (the sum of per-leaf sums, a static slice of a shared
+    array) is fused into every consumer, so every leaf's kernel would recompute it and get a
+    kernel of its own; values that leave a conditional are buffers, and leaves of one shape
+    share one kernel (DARTS-8, 2,807 leaves, compiles about 4x faster). ``always`` is a
     predicate that is always true but unknown to the compiler.
     """
-    n = arrays[0].shape[0]
-    return jax.lax.cond(always, lambda: [[a[g] for g in range(n)] for a in arrays],
-                        lambda: [[jnp.zeros((), a.dtype)] * n for a in arrays])
+    return jax.lax.cond(always, lambda: values,
+                        lambda: jax.tree_util.tree_map(jnp.zeros_like, values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,24 +451,18 @@ def hybrid_sparse_optimizer(
             gs = treedef.flatten_up_to(grads)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{name}: grads and params have different structures: {e}") from None
-        # A step with a non-finite gradient changes nothing but the count of such steps.
+        # A step with a non-finite gradient changes nothing but the count of such steps: the
+        # step is computed and then dropped by selects (a conditional around it would cost a
+        # second copy of every per-leaf kernel to compile, and keep the base update and the
+        # projection from fusing).
         finite = _all_finite(gs)
         if nonfinite == "raise":
             jax.lax.cond(finite, lambda: None,
                          lambda: jax.debug.callback(
                              functools.partial(_raise_nonfinite, name), state.count))
+        return _step(grads, state, params, layout, xs, gs, treedef, finite)
 
-        def apply():
-            return _step(grads, state, params, layout, xs, gs, treedef)
-
-        def skip():  # zero updates of the base optimizer's shapes and dtypes (as the step's)
-            shapes = jax.eval_shape(base_tx.update, grads, state.base_state, params)[0]
-            return (jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
-                    state._replace(notfinite_count=state.notfinite_count + 1))
-
-        return jax.lax.cond(finite, apply, skip)
-
-    def _step(grads, state, params, layout, xs, gs, treedef):
+    def _step(grads, state, params, layout, xs, gs, treedef, finite):
         count = state.count
         updates, base_state = base_tx.update(grads, state.base_state, params)
         us = treedef.flatten_up_to(updates)
@@ -460,7 +486,8 @@ def hybrid_sparse_optimizer(
             inputs = SaliencyInputs(
                 param_sq=param_sq, grad_sq=grad_sq, param_dot_grad=param_dot_grad,
                 num_params=jnp.asarray(num_params), macs=jnp.asarray(macs),
-                params=params, grads=grads, leaf_groups=layout.leaf_groups)
+                params=params, grads=grads, leaf_groups=layout.leaf_groups,
+                leaf_maps=layout.maps)
             s = jnp.asarray(saliency_fn(inputs), jnp.float32)
             if s.shape != (num_groups,):
                 raise ValueError(f"{name}: the saliency function returned shape {s.shape}, "
@@ -533,18 +560,28 @@ def hybrid_sparse_optimizer(
         project = active & (test | final)
         push = active & ~project
         zero = state.zero | project
-        zero_g, push_g, keep_g, shrink_g = _per_group_scalars(
-            count >= 0, (zero, push, keep_u, shrink))
         out = list(us)
-        for i in layout.grouped:
-            g = layout.leaf_groups[i]
+
+        def place(i, zero_at, push_at, keep_at, shrink_at):
             x, u = xs[i], us[i]
-            moved = u if redundant_step == "half_space" else keep_g[g].astype(u.dtype) * u
-            moved = moved - shrink_g[g].astype(u.dtype) * x
+            moved = u if redundant_step == "half_space" else keep_at.astype(u.dtype) * u
+            moved = moved - shrink_at.astype(u.dtype) * x
             # A select, not arithmetic, keeps G_r^C's update bit-identical to the base's (with
             # FMA contraction, u - 0 * x may round differently), and makes the update of a
             # zero group exactly -x, so that params + updates is exactly 0.
-            out[i] = jnp.where(zero_g[g], -x.astype(u.dtype), jnp.where(push_g[g], moved, out[i]))
+            out[i] = jnp.where(zero_at, -x.astype(u.dtype), jnp.where(push_at, moved, u))
+
+        whole_groups = sorted({layout.leaf_groups[i] for i in layout.whole})
+        scalars = _as_buffers(count >= 0, (finite, [
+            {g: a[g] for g in whole_groups} for a in (zero, push, keep_u, shrink)]))
+        finite, (zero_g, push_g, keep_g, shrink_g) = scalars
+        for i in layout.whole:
+            g = layout.leaf_groups[i]
+            place(i, zero_g[g], push_g[g], keep_g[g], shrink_g[g])
+        for i in layout.split:  # per-slice values, broadcast along the split axis
+            m, ndim = layout.maps[i], xs[i].ndim
+            place(i, m.take(zero, False, ndim), m.take(push, False, ndim),
+                  m.take(keep_u, 1.0, ndim), m.take(shrink, 0.0, ndim))
 
         new_state = H2SPGState(
             count=optax.safe_increment(count),
@@ -560,6 +597,11 @@ def hybrid_sparse_optimizer(
             notfinite_count=state.notfinite_count,
             base_state=base_state,
         )
+        # A non-finite step: zero updates, the state as it was but for the count of such steps.
+        out = [jnp.where(finite, u, jnp.zeros((), u.dtype)) for u in out]
+        new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        new_state = new_state._replace(
+            notfinite_count=state.notfinite_count + (~finite).astype(jnp.int32))
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -604,8 +646,10 @@ def h2spg(
     coefficient the test zeroes the groups during the phase, at a small fraction of their norm
     at the search; the last projection step zeroes whatever is left, as a safeguard.
     :func:`h2spg_info` tells, per group, the update that zeroed it, whether the test or the
-    safeguard did, and its norm then relative to its norm at the search. Leaves outside G_r
-    always get the base optimizer's update unchanged.
+    safeguard did, and its norm then relative to its norm at the search. Entries outside G_r
+    always get the base optimizer's update unchanged. A group may own whole leaves or slices
+    of leaves (one layer of a stacked or scanned parameter): its statistics and its update
+    cover exactly its entries.
 
     Updates follow optax's convention (``optax.apply_updates``); a projected group's update is
     exactly ``-params``, so h2spg must be the last transformation of a chain (clipping etc.

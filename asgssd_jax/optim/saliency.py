@@ -7,8 +7,19 @@ exponentially over the warm-up steps. Every built-in is jittable and O(G) on top
 statistics, which H2SPG computes in one pass over the grouped leaves.
 
 Write your own as ``fn(inputs: SaliencyInputs) -> jax.Array``; ``inputs.params`` and
-``inputs.grads`` are the step's trees and ``inputs.leaf_groups`` says which group owns each
-leaf (-1 for G_s^C), e.g. a proxy on the BatchNorm scales alone.
+``inputs.grads`` are the step's trees, ``inputs.leaf_groups`` says which group owns each
+whole leaf (-1 for G_s^C) and ``inputs.leaf_maps`` which groups own the slices of a leaf split
+between groups (one layer of a stacked parameter each), e.g. a proxy on the BatchNorm scales
+alone::
+
+    def scale_saliency(inputs):
+        leaves = jax.tree_util.tree_leaves(inputs.params)
+        paths = [jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(inputs.params)[0]]
+        sq = sum(m.group_sums(jnp.square(x), len(inputs.param_sq))
+                 for x, m, p in zip(leaves, inputs.leaf_maps, paths)
+                 if m.grouped and "scale" in p)
+        return jnp.sqrt(sq)
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from asgssd_jax.search_space import LeafGroupMap
 
 __all__ = [
     "SaliencyFn",
@@ -42,7 +55,11 @@ class SaliencyInputs(NamedTuple):
       num_params: number of scalars in each group.
       macs: per-example MACs of each removal structure (``Group.macs``).
       params, grads: the step's trees (as passed to ``update``).
-      leaf_groups: group of each leaf of ``params`` in flattening order, -1 for G_s^C.
+      leaf_groups: group of each leaf of ``params`` in flattening order, -1 for G_s^C and for
+        leaves split between groups.
+      leaf_maps: a :class:`~asgssd_jax.search_space.LeafGroupMap` per leaf of ``params``:
+        which group owns each slice along its ``axis`` (or the whole leaf); its
+        ``group_sums(x, G)`` sums any array of the leaf's shape by group.
     """
 
     param_sq: jax.Array
@@ -53,6 +70,7 @@ class SaliencyInputs(NamedTuple):
     params: Any
     grads: Any
     leaf_groups: tuple[int, ...]
+    leaf_maps: tuple[LeafGroupMap, ...] = ()
 
 
 SaliencyFn = Callable[[SaliencyInputs], jax.Array]
