@@ -207,13 +207,13 @@ def _models_cmd(args: argparse.Namespace) -> int:
     import asgssd_zoo as models
     from asgssd_jax import tasks
 
-    print(f"{'model':<16} {'input':<10} {'paper/zoo dataset':<18} task (`asgssd run --model "
-          "NAME` trains it on)")
+    print(f"{'model':<16} {'input':<10} {'dataset':<14} task of `asgssd run --model NAME` "
+          "(its default --dataset)")
     for name in models.names():
         s = models.spec(name)
         task = tasks.default_task(name, None)
-        print(f"{name:<16} {'x'.join(map(str, s.input_shape)):<10} {s.dataset:<18} "
-              f"{task.description} ({task.defaults['dataset']} by default)")
+        print(f"{name:<16} {'x'.join(map(str, s.input_shape)):<10} {s.dataset:<14} "
+              f"{task.description} ({task.defaults['dataset']})")
     print(f"Pairs of --model and --dataset that work: {tasks.pairs()}.")
     return 0
 
@@ -723,8 +723,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_parser(sub)
     sub.add_parser(
         "models", help="list the zoo's networks",
-        description="Lists the zoo's networks (`asgssd run --model NAME`) with the input shape "
-        "and the dataset each is built for.").set_defaults(func=_models_cmd)
+        description="Lists the zoo's networks (`asgssd run --model NAME`) with the input shape, "
+        "the dataset each is built for (the paper's, for its networks), the task `asgssd run` "
+        "trains it for and the dataset it then reads by default (--dataset), and the pairs of "
+        "--model and --dataset that work.").set_defaults(func=_models_cmd)
     p = sub.add_parser(
         "report", help="print a run's report and redraw its pictures and plots",
         description="Redraws every picture of an `asgssd run` directory (the graphs from their "
