@@ -721,11 +721,15 @@ def _build_graph(prog: Program, paths, trainable, treedef) -> TraceGraph:
         return prog.ops[raw_ops[v][0]].name if kind[v] == "op" else kind[v]
 
     # 1. Single-entry single-exit regions closed by a non-tolerant joint become one operator.
+    # The regions are found without the side inputs (an additive attention mask).
     has_params = {v: any(unit_trainable[i] for i in raw_leaves[v]) for v in g.nodes}
-    idom = _dominators(g)
-    self_joints = _self_joints(g, kind, first_prim, has_params, idom)
+    side = _side_inputs(g, kind, first_prim, has_params)
+    ga = g.copy()
+    ga.remove_edges_from(side)
+    idom = _dominators(ga)
+    self_joints = _self_joints(ga, kind, first_prim, has_params, idom) | {u for _, u in side}
     groups = _UnionFind(g.nodes)
-    _collapse_regions(g, kind, first_prim, has_params, self_joints, groups, idom)
+    _collapse_regions(ga, kind, first_prim, has_params, self_joints, groups, idom)
     # 2. Chains inside one module call merge.
     stack_of = {v: prog.ops[raw_ops[v][0]].name_stack for v in g.nodes if kind[v] == "op"}
     for u in list(g.nodes):
@@ -789,6 +793,38 @@ def _self_joints(g, kind, first_prim, has_params, idom) -> set[int]:
 
 
 _SOURCE = "__source__"
+
+_ADDITIVE = frozenset({"add", "add_any", "sub"})
+
+
+def _side_inputs(g, kind, first_prim, has_params) -> list[tuple[int, int]]:
+    """Edges ``(p, u)`` into an add/sub ``u`` where ``p`` is a *side input*: a parameter-free
+    function of the network's inputs alone (no trainable variable upstream) that the other
+    operands do not read, added to a branch that has parameters upstream: BERT's additive
+    attention mask ``scores + bias(attention_mask)``, a bias computed from position ids.
+
+    Such a joint adds a value that is not a branch of the network: it is not removal-tolerant
+    (the scores are not a branch that could be absent: q, k, v and the output projection
+    stay one structure), and the regions that make operators are found without these edges.
+    A residual ``x + f(x)`` is not one (``x`` is read by ``f(x)``).
+    """
+    upstream: dict[int, bool] = {}
+    for v in nx.topological_sort(g):
+        upstream[v] = has_params[v] or any(upstream[p] for p in g.predecessors(v))
+    edges = []
+    for u in g.nodes:
+        if kind[u] != "op" or g.in_degree(u) < 2 or first_prim(u) not in _ADDITIVE:
+            continue
+        preds = list(g.predecessors(u))
+        if not any(upstream[q] for q in preds):
+            continue
+        for p in preds:
+            if upstream[p]:
+                continue
+            if any(q != p and nx.has_path(g, p, q) for q in preds):
+                continue  # read by another operand: a residual, not a side input
+            edges.append((p, u))
+    return edges
 
 
 def _dominators(g) -> dict:

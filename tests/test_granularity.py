@@ -255,3 +255,48 @@ def test_abstract_variables_give_the_same_groups():
     spaces = [ag.generate_search_space(m.apply, v, x) for v in (concrete, abstract)]
     assert _contents(spaces[0]) == _contents(spaces[1]) and len(spaces[0].groups) == 4
     assert not spaces[1].excluded
+
+
+class MaskedAttention(nn.Module):
+    """BERT-style: post-norm, an additive attention bias computed from a second input."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        hd = D // HEADS
+        bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e9)
+        q = nn.DenseGeneral((HEADS, hd), name="q")(x)
+        k = nn.DenseGeneral((HEADS, hd), name="k")(x)
+        v = nn.DenseGeneral((HEADS, hd), name="v")(x)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd) + bias
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+        x = nn.LayerNorm(name="ln1")(x + nn.DenseGeneral(D, axis=(-2, -1), name="o")(o))
+        return nn.LayerNorm(name="ln2")(x + nn.Dense(D, name="down")(
+            nn.gelu(nn.Dense(2 * D, name="up")(x))))
+
+
+def test_an_additive_mask_from_another_input_does_not_split_attention():
+    x = jax.random.normal(jax.random.key(0), (2, T, D))
+    mask = jnp.ones((2, T), jnp.int32).at[0, -2:].set(0)
+    model = MaskedAttention()
+    v = model.init(jax.random.key(1), x, mask)
+    space = ag.generate_search_space(model.apply, v, x, mask)
+    assert [{p.split("/")[0] for p in g} for g in _contents(space)] == [
+        {"q", "k", "v", "o"}, {"up", "down"}]
+    # the whole attention branch goes; the mask input then feeds nothing: not valid alone
+    assert space.is_valid([1]) and not space.is_valid([0])
+    z = space.zero_groups(v, [1])
+    sub = ag.construct_subnetwork(space, z)
+    x3 = jax.random.normal(jax.random.key(2), (3, T, D))
+    m3 = jnp.ones((3, T), jnp.int32).at[1, -3:].set(0)
+    assert ag.relative_difference(model.apply(z, x3, m3), sub.apply(sub.variables, x3, m3)) \
+        <= 1e-5
+
+
+def test_a_residual_on_the_raw_input_stays_a_removal_structure():
+    def net(p, x):  # x + f(x) straight on the input: x is read by f, not a side input
+        x = x + jnp.tanh(x @ p["a"]) @ p["b"]
+        return x @ p["out"]
+
+    p = {"a": jnp.ones((D, D)) / D, "b": jnp.ones((D, D)) / D, "out": jnp.ones((D, 2))}
+    space = ag.generate_search_space(net, p, jnp.ones((2, D)))
+    assert [g.param_paths for g in space.groups] == [("a", "b")]
