@@ -366,26 +366,44 @@ def nnx_module_scopes(module) -> Iterator[None]:
     """While tracing, each call of a submodule of ``module`` runs in a ``jax.named_scope`` of
     its attribute path relative to its caller, so that the jaxpr's name stacks read
     ``blocks/3/attn/q_proj`` as linen's do (NNX itself names nothing). The submodules' classes
-    get a wrapped ``__call__`` for the duration; a call of an instance outside ``module`` is
-    not renamed.
+    get a wrapped ``__call__`` for the duration. Inside a lifted transform (``nnx.scan`` over
+    an ``nnx.vmap``-built stack) the modules called are copies: a copy is named as the
+    attribute of its caller that it is, or, at the top, as the one submodule of its class. A
+    call of any other instance is not renamed.
     """
     from flax import nnx
 
     paths = {id(node): tuple(str(k) for k in path) for path, node in nnx.iter_graph(module)
              if path and isinstance(node, nnx.Module)}
     classes = {type(node) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
+    by_class: dict[type, list[tuple[str, ...]]] = {}
+    for path, node in nnx.iter_graph(module):
+        if path and isinstance(node, nnx.Module):
+            by_class.setdefault(type(node), []).append(tuple(str(k) for k in path))
     originals = {cls: (cls.__dict__.get("__call__"), cls.__call__) for cls in classes
                  if callable(getattr(cls, "__call__", None))}
-    stack: list[tuple[str, ...]] = [()]
+    stack: list[tuple[tuple[str, ...], Any]] = [((), None)]
+
+    def resolve(instance) -> tuple[str, ...] | None:
+        path = paths.get(id(instance))
+        if path is not None:
+            return path
+        outer, caller = stack[-1]
+        if caller is not None:
+            for name, value in vars(caller).items():
+                if value is instance:
+                    return (*outer, name)
+        found = by_class.get(type(instance), [])
+        return found[0] if len(found) == 1 else None
 
     def wrap(call):
         def scoped(self, *args, **kwargs):
-            path = paths.get(id(self))
+            path = resolve(self)
             if path is None:
                 return call(self, *args, **kwargs)
-            outer = stack[-1]
+            outer = stack[-1][0]
             rel = path[len(outer):] if path[:len(outer)] == outer else path
-            stack.append(path)
+            stack.append((path, self))
             try:
                 with jax.named_scope("/".join(rel) or path[-1]):
                     return call(self, *args, **kwargs)

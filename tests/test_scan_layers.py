@@ -216,6 +216,7 @@ def test_nnx_scan_over_a_vmapped_stack():
     model.eval()
     space = ag.generate_search_space(model, None, _x(2))
     assert space.num_groups == L
+    assert "blocks/1/up" in space.summary().splitlines()[3]  # g1: named by attribute and layer
     params = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(params)
     zeroed = space.zero_groups({"params": pure, "state": space.variables["state"]}, [1])
