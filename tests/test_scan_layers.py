@@ -271,3 +271,21 @@ def test_nn_scan_batch_statistics_of_the_kept_layers_update_in_train_mode():
     kept = np.asarray(updates["batch_stats"]["layers"]["BatchNorm_0"]["mean"])[[0, 2]]
     np.testing.assert_allclose(sub_updates["batch_stats"]["layers"]["BatchNorm_0"]["mean"],
                                kept, rtol=RTOL, atol=1e-7)
+
+
+def test_a_scanned_sub_network_checkpoints_and_exports(tmp_path):
+    model = _BNScanNet()
+    v = model.init(jax.random.key(0), _x(4))
+    space = ag.generate_search_space(model.apply, v, _x(4), train=False)
+    z = space.zero_groups(v, [0])
+    sub = ag.construct_subnetwork(space, z)
+    restored = ag.load_subnetwork(ag.save_subnetwork(tmp_path / "sub", sub), model.apply)
+    assert restored.variables["params"]["layers"]["Dense_0"]["kernel"].shape == (L - 1, D, 2 * D)
+    x = _x(3, seed=50)
+    np.testing.assert_allclose(restored.apply(restored.variables, x),
+                               sub.apply(sub.variables, x), rtol=1e-6)
+    ag.export_subnetwork(sub, x[:2], path=tmp_path / "sub.jaxexp")
+    loaded = ag.load_exported(tmp_path / "sub.jaxexp")
+    for batch in (1, 6):
+        xb = _x(batch, seed=60 + batch)
+        assert ag.relative_difference(model.apply(z, xb), loaded(xb)) <= RTOL
