@@ -52,7 +52,9 @@ def test_run_leaves_report_pictures_plots_checkpoint_and_export(run_dir):
     # paths in report.json are relative to the run directory
     assert report["subnetwork"]["checkpoint"] == "subnetwork_checkpoint"
     assert report["subnetwork"]["export"] == "subnetwork.jax_export"
+    assert report["task"]["name"] == "classification" and "eval_perplexity" not in report["full"]
     md = (run_dir / "report.md").read_text()
+    assert "| | params | MACs | test accuracy |" in md
     zero = ", ".join(f"g{i}" for i in report["zero_groups"])
     assert f"zero groups after H2SPG: {zero}." in md
     assert f"| sub-network | {report['subnetwork']['params'] / 1e6:.3f}M |" in md
