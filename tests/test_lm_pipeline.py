@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import asgssd_zoo as zoo
-from asgssd_jax import cli, generate_search_space, tasks
+from asgssd_jax import cli, tasks
 from asgssd_jax.pipeline import RunConfig, run
 
 TINY = {"depth": 2, "dim": 32, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1}
@@ -143,11 +143,10 @@ def test_the_zoo_listing_names_each_models_dataset(capsys):
     assert "decoder_lm with python_source" in out
 
 
-def test_the_default_lm_is_a_four_layer_model_with_eight_branches():
-    """What `asgssd run --model decoder_lm` trains (its help states these sizes)."""
-    model = zoo.create("decoder_lm")
-    x = np.zeros((1, zoo.input_shape("decoder_lm")[0]), np.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-    variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    space = generate_search_space(model.apply, variables, x, train=False)
-    assert space.num_groups == 8 and int(0.25 * space.num_groups) == 2
+def test_the_default_lm_is_a_four_layer_model_with_eight_branches(capsys):
+    """What `asgssd run --model decoder_lm` trains (its help states these sizes); `asgssd
+    space` feeds it token ids."""
+    assert cli.main(["space", "--model", "decoder_lm", "--out", ""]) == 0
+    out = capsys.readouterr().out
+    assert "decoder_lm: 771,200 params" in out and "8 removal structures in G_s" in out
+    assert int(0.25 * 8) == RunConfig(model="decoder_lm").target_sparsity * 8 == 2
