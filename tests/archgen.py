@@ -1,8 +1,9 @@
 """Random DAG networks for property tests (hypothesis strategies).
 
 A network is a tuple of nodes ``(kind, inputs, channels)``; input index -1 is the image. Unary
-blocks (conv-BN, pool-conv, dense over channels, activations, pools, dropout) and joins (add, sub,
-concat) are wired at random; nodes that the head does not use remain as dead branches.
+blocks (conv-BN, pool-conv, dense over channels, activations, pools, dropout, an ``nn.scan``
+over two residual conv-BN-dropout layers) and joins (add, sub, concat) are wired at random;
+nodes that the head does not use remain as dead branches.
 
 :func:`random_container` draws the kind of pytree the variables live in (linen's dict of
 collections, a flat dict, a tuple, a list, a dataclass, a custom registered node), and
@@ -19,10 +20,22 @@ import jax.numpy as jnp
 from hypothesis import strategies as st
 
 UNARY = ("conv_bn", "conv_relu", "maxpool_conv", "dense", "relu", "avgpool", "conv_bias_sigmoid",
-         "dropout")
+         "dropout", "scan_res")
 JOINS = ("add", "sub", "concat")
 HEADS = ("gap", "flatten", "concat_bn_gap", "flatten_bn")
 INPUT_SHAPE = (6, 6, 3)
+
+
+class _ResLayer(nn.Module):
+    """One layer of a scanned stack: ``x + dropout(relu(bn(conv(x))))``."""
+
+    train: bool
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Conv(x.shape[-1], (3, 3), use_bias=False)(x)
+        h = nn.BatchNorm(use_running_average=not self.train, momentum=0.9)(h)
+        return x + nn.Dropout(0.25, deterministic=not self.train)(jax.nn.relu(h)), None
 
 
 class RandomNet(nn.Module):
@@ -53,6 +66,10 @@ class RandomNet(nn.Module):
                 h = jax.nn.relu(h)
             elif kind == "dropout":
                 h = nn.Dropout(0.25, deterministic=not train)(h)
+            elif kind == "scan_res":
+                stack = nn.scan(_ResLayer, variable_axes={"params": 0, "batch_stats": 0},
+                                split_rngs={"params": True, "dropout": True}, length=2)
+                h = stack(train)(h, None)[0]
             elif kind == "avgpool":
                 h = nn.avg_pool(h, (3, 3), strides=(1, 1), padding="SAME")
             elif kind == "conv_bias_sigmoid":
@@ -107,7 +124,7 @@ def random_nodes(draw, min_nodes: int = 2, max_nodes: int = 9):
             kind = "conv_bn"
         # unary: prefer recent nodes so that graphs are deep, not only wide
         j = draw(st.sampled_from(earlier[-3:] if draw(st.booleans()) else earlier))
-        if kind in ("relu", "avgpool", "dropout"):
+        if kind in ("relu", "avgpool", "dropout", "scan_res"):
             ch = _channels(nodes, j)
         else:
             ch = draw(st.sampled_from([2, 3, 4]))

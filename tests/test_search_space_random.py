@@ -54,11 +54,24 @@ def test_segments_partition_and_structures_end_in_tolerant_joints(net):
         succ = list(t.graph.successors(tail))
         assert succ and all(t.is_tolerant_joint(w) for w in succ)
         assert gr.leaves and all(t.trainable[i] for i in gr.leaves)
-    # groups and G_s^C partition the trainable leaves
-    grouped = [i for gr in space.groups for i in gr.leaves]
-    assert len(grouped) == len(set(grouped))
-    assert sorted(grouped + list(space.complement_leaves)) == [
+    # groups (whole leaves or slices of scanned stacks) and G_s^C partition the trainable
+    # entries: no slice in two groups, no leaf both whole in a group and sliced
+    owned = [(sl.leaf, sl.axis, j) for gr in space.groups for sl in gr.slices
+             for j in (sl.indices or (None,))]
+    assert len(owned) == len(set(owned))
+    whole = {leaf for leaf, axis, _ in owned if axis is None}
+    assert not whole & {leaf for leaf, axis, _ in owned if axis is not None}
+    touched = {leaf for leaf, _, _ in owned}
+    assert sorted(touched | set(space.complement_leaves)) == [
         i for i, tr in enumerate(t.trainable) if tr]
+    assert not touched & set(space.complement_leaves)
+    maps = space.leaf_group_maps(space.variables)
+    sizes = {gr.index: 0 for gr in space.groups}
+    for m, x in zip(maps, jax.tree_util.tree_leaves(space.variables)):
+        for j, g in enumerate(m.ids):
+            if g >= 0:
+                sizes[int(g)] += x.size // (1 if m.axis is None else x.shape[m.axis])
+    assert sizes == {gr.index: gr.num_params for gr in space.groups}
 
 
 @SETTINGS
@@ -88,9 +101,16 @@ def test_zeroing_a_group_only_touches_its_leaves(net):
         return
     v = init_random(module, shape)
     z = space.zero_groups(v, [0])
-    for path, a, b in zip(space.leaf_paths, jax.tree_util.tree_leaves(v),
-                          jax.tree_util.tree_leaves(z)):
-        if path in space.groups[0].param_paths:
-            assert not np.any(np.asarray(b))
-        else:
-            assert np.array_equal(np.asarray(a), np.asarray(b))
+    mine = {sl.leaf: sl for sl in space.groups[0].slices}
+    for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(z))):
+        a, b = np.asarray(a), np.asarray(b)
+        sl = mine.get(i)
+        if sl is None:
+            assert np.array_equal(a, b)
+        elif sl.axis is None:
+            assert not np.any(b)
+        else:  # its slices (one layer of a scanned stack) are zero, the other layers intact
+            inside = np.isin(np.arange(a.shape[sl.axis]), sl.indices)
+            assert not np.any(np.compress(inside, b, axis=sl.axis))
+            assert np.array_equal(np.compress(~inside, a, axis=sl.axis),
+                                  np.compress(~inside, b, axis=sl.axis))
