@@ -130,9 +130,13 @@ class _Layer(nn.Module):
 
 
 class _ScanNet(nn.Module):
+    """``L`` layers under ``nn.scan`` (every collection stacked on axis 0), then a head."""
+
+    layer: type = _Layer
+
     @nn.compact
     def __call__(self, x, train: bool = False):
-        stack = nn.scan(_Layer, variable_axes={"params": 0},
+        stack = nn.scan(self.layer, variable_axes={"params": 0, "batch_stats": 0},
                         split_rngs={"params": True, "dropout": True}, length=L)
         x, _ = stack(train, name="layers")(x, None)
         return nn.Dense(2)(x)
@@ -246,17 +250,8 @@ class _BNLayer(nn.Module):
         return x + nn.Dense(D)(nn.relu(h)), None
 
 
-class _BNScanNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        stack = nn.scan(_BNLayer, variable_axes={"params": 0, "batch_stats": 0},
-                        split_rngs={"params": True}, length=L)
-        x, _ = stack(train, name="layers")(x, None)
-        return nn.Dense(2)(x)
-
-
 def test_nn_scan_batch_statistics_of_the_kept_layers_update_in_train_mode():
-    model = _BNScanNet()
+    model = _ScanNet(_BNLayer)
     v = model.init(jax.random.key(0), _x(4))
     space = ag.generate_search_space(model.apply, v, _x(4), train=False)
     assert space.num_groups == L
@@ -274,7 +269,7 @@ def test_nn_scan_batch_statistics_of_the_kept_layers_update_in_train_mode():
 
 
 def test_a_scanned_sub_network_checkpoints_and_exports(tmp_path):
-    model = _BNScanNet()
+    model = _ScanNet(_BNLayer)
     v = model.init(jax.random.key(0), _x(4))
     space = ag.generate_search_space(model.apply, v, _x(4), train=False)
     z = space.zero_groups(v, [0])
