@@ -55,7 +55,7 @@ def op_macs(op: Op, program: Program) -> int:
 
 def _control_flow_macs(op: Op) -> int:
     # Bodies are closed jaxprs; count them with a throwaway flat program.
-    from asgssd_jax.trace import _flatten
+    from asgssd_jax.program import _flatten
 
     def body_macs(closed) -> int:
         prog = _flatten(closed, 0, None)

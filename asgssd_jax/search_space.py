@@ -23,8 +23,8 @@ import numpy as np
 
 from asgssd_jax.cost import op_macs
 from asgssd_jax.naming import operation_name
-from asgssd_jax.segments import SegmentGraph, build_segment_graph
 from asgssd_jax.primitives import CONTROL_FLOW, ELEMENTWISE, REDUCE, WINDOW
+from asgssd_jax.segments import SegmentGraph, build_segment_graph
 from asgssd_jax.trace import TraceGraph, trace
 from asgssd_jax.zero_invariance import check_zero_invariance
 

@@ -19,11 +19,10 @@ import random
 import statistics
 import time
 
+import asgssd_zoo as zoo
 import jax
-import jax.numpy as jnp
 
 import asgssd_jax as ag
-import asgssd_zoo as zoo
 
 
 def _compile_seconds(fn, *args) -> tuple[float, object]:

@@ -294,20 +294,6 @@ def _slice_leaf(x: Any, m: Mask | None) -> Any:
     return jnp.take(jnp.asarray(x), m[2], axis=m[0])
 
 
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    if not leaves or any(len(a.shape) == 0 or a.shape[0] != leaves[0].shape[0] for a in leaves):
-        return None
-    b = 2 if leaves[0].shape[0] == 1 else 1
-    return jax.tree_util.tree_unflatten(
-        tree, [jax.ShapeDtypeStruct((b, *a.shape[1:]), a.dtype) for a in leaves])
-
-
-def _slice_leaf(x: Any, m: Mask | None) -> Any:
-    if m is None:
-        return jnp.asarray(x)
-    return jnp.take(jnp.asarray(x), m[2], axis=m[0])
-
-
 def _reconcile(mode_plans: list[ModePlan], paths: Sequence[str], unavailable: dict[tuple, str]
                ) -> tuple[list[ModePlan], tuple[int, ...], dict[int, Mask]]:
     """One slice per kept leaf across modes (a mode that wants another slices on read), and
