@@ -69,6 +69,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "loss_jump": jump,
         "full": report["full"]["eval_accuracy"],
         "sub": sub["eval_accuracy"] if sub else None,
+        "sub_size": f"{sub['params'] / 1e6:.3f}M / {sub['macs'] / 1e6:.1f}M" if sub else "X",
         "sgd": baseline.get("eval_accuracy"),
         "train_seconds": report["train_seconds"],
         "fade_out": report["config"].get("fade_out", False),
@@ -93,7 +94,8 @@ def default_row(seed: int, variant: str, s: dict[str, Any], version: str) -> str
            else f"{100 * (s['sub'] - s['sgd']):+.2f}")
     return (f"| {seed} | {VARIANT_NAMES[variant]} | {groups or 'none'} | {by_test} | "
             f"{_pct(s['full'])} | {_pct(s['sub'])} | {_pct(s['sgd'])} | "
-            f"{gap} | {s['loss_jump']:+.3f} | {s['train_seconds']:.0f} | {version} |")
+            f"{gap} | {s['sub_size']} | {s['loss_jump']:+.3f} | {s['train_seconds']:.0f} | "
+            f"{version} |")
 
 
 def table4_row(optimizer: str, sparsity: float, seed: int, variant: str, s: dict[str, Any],
@@ -110,7 +112,8 @@ def table4_row(optimizer: str, sparsity: float, seed: int, variant: str, s: dict
 DEFAULT_HEADER = (
     "| seed | projection | zero groups (zeroed at step, by, norm relative to the search's) | "
     "by the test | full, H2SPG (%) | sub-network (%) | full, SGD only (%) | gap sub - SGD "
-    "(points) | loss jump | H2SPG training (s) | library |\n" + "|---" * 11 + "|")
+    "(points) | sub-network params / MACs | loss jump | H2SPG training (s) | library |\n"
+    + "|---" * 12 + "|")
 TABLE4_HEADER = (
     "| target sparsity, seed | optimizer | projection | sub-network top-1 (%) | zero groups (K) "
     "| by the test | zeroed at step | relative norm | loss jump | library |\n" + "|---" * 10 + "|")

@@ -16,7 +16,7 @@ def _report(zeroing, subnetwork=True):
         "valid": subnetwork,
         "zeroing": zeroing,
         "full": {"eval_accuracy": 0.9},
-        "subnetwork": {"eval_accuracy": 0.875} if subnetwork else None,
+        "subnetwork": {"eval_accuracy": 0.875, "params": 41_500, "macs": 2_250_000} if subnetwork else None,
         "baseline": {"eval_accuracy": 0.8},
         "train_seconds": 12.0,
     }
@@ -35,7 +35,7 @@ def test_rows_count_the_groups_the_test_zeroed():
     assert row[3:10] == ["87.50", "2 (2)", "1", "6, 8", "0.250", "+3.000", "abc1234 |"]
     default = hp.default_row(0, "fade_out", s, "abc1234")
     assert "g1 (step 8, safeguard, 0.250), g3 (step 6, test, 0.020) | 1 of 2" in default
-    assert "| 90.00 | 87.50 | 80.00 | +7.50 |" in default
+    assert "| 90.00 | 87.50 | 80.00 | +7.50 | 0.042M / 2.2M | +3.000 | 12 | abc1234 |" in default
 
 
 def test_an_invalid_zero_set_is_an_x_and_a_report_without_zeroing_is_unknown():
