@@ -167,14 +167,16 @@ def test_linen_nn_scan_per_layer_groups_exact_in_train_mode():
 
 def test_decoder_lm_scanned_groups_match_the_unrolled_model():
     tokens = jnp.zeros((2, 12), jnp.int32)
-    sizes = {}
+    sizes, macs = {}, {}
     for scan in (False, True):
         m = zoo.create("decoder_lm", scan_layers=scan, depth=2, dim=32, num_heads=4,
                        num_kv_heads=2, mlp_dim=64)
         v = m.init(jax.random.key(0), tokens, train=False)
         space = ag.generate_search_space(m.apply, v, tokens, train=False)
         sizes[scan] = [g.num_params for g in space.groups]
+        macs[scan] = [g.macs for g in space.groups], ag.count_macs(m.apply, v, tokens, train=False)
     assert sizes[True] == sizes[False] and len(sizes[True]) == 4
+    assert macs[True] == macs[False]  # every layer's MACs are counted under the scan too
     # the scanned model's sub-network at another batch size and sequence length
     z = space.zero_groups(v, [1, 2])  # layer 0's MLP, layer 1's attention
     sub = ag.construct_subnetwork(space, z)
