@@ -20,7 +20,8 @@ it): compile time of the jitted train step (forward + backward + update + ``appl
 batch ``--compile-batch``, default 2: compile time barely depends on it) and of the jitted
 ``update`` alone, ``optax.sgd(momentum=0.9)`` against H2SPG on it, wall and CPU time of
 ``jit(...).lower(...).compile()``, the base and H2SPG interleaved, minimum over
-``--compile-rounds`` (default 1).
+``--compile-rounds`` (default 1). Every table says the machine's load average when measured:
+on a shared machine compile times move by 2x with the load, so compare ratios of one run.
 
 Goals (the PyTorch peer here: OTO's HESSO ``optimizer.step()`` costs 1.96-2.39x
 ``torch.optim.SGD``'s, the whole step 1.0-1.05x): in the hybrid phase the whole step at most
@@ -31,6 +32,7 @@ groups; compiling the train step at most 1.3x the base optimizer's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -137,6 +139,7 @@ def _best(samples: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def optimizer_table(repeats: int) -> None:
+    load_before = _load()
     model, space, variables, x, y = _demonet()
     warm = 3
     bases = {
@@ -171,6 +174,7 @@ def optimizer_table(repeats: int) -> None:
             rows.append((base_name, k, s[0] * 1e3, s[0] / s0[0], s[1] / s0[1],
                          u[0] * 1e6, u[0] / u0[0], u[1] / u0[1]))
 
+    print(f"load {load_before} before, {_load()} after (1-minute load average / CPUs)")
     print(f"DemoNet, batch {BATCH}, {jax.device_count()} {jax.devices()[0].platform} device(s); "
           f"{space.num_groups} groups, K = {int(0.6 * space.num_groups)}; minimum over "
           f"{repeats} interleaved rounds; ratios to the base alone by wall time and by this "
@@ -258,12 +262,18 @@ def _compile_seconds(fn, *args) -> tuple[float, float]:
     return clocks.per(1)
 
 
+def _load() -> str:
+    """The 1-minute load average and the number of CPUs (the machine may be shared)."""
+    return f"{os.getloadavg()[0]:.1f}/{os.cpu_count()}"
+
+
 def compile_table(names: list[str], batch: int, rounds: int) -> None:
     print()
     print(f"compile time, jit(...).lower(...).compile(), batch {batch}; minimum over {rounds} "
-          "interleaved round(s); ratio to the base by wall and by CPU time")
+          "interleaved round(s); ratio to the base by wall and by CPU time; load: the 1-minute "
+          "load average / CPUs when the row was measured")
     print(f"{'model':<14} {'groups':>6} {'leaves':>6}  {'what':<11} {'base s':>7} "
-          f"{'H2SPG s':>8} {'x wall':>6} {'x cpu':>6}")
+          f"{'H2SPG s':>8} {'x wall':>6} {'x cpu':>6} {'load':>7}")
     for name in names:
         model = models.create(name)
         x = jnp.zeros((batch, *models.input_shape(name)), jnp.float32)
@@ -296,8 +306,8 @@ def compile_table(names: list[str], batch: int, rounds: int) -> None:
         for what in ("train step", "update"):
             b, h = _best(times["base", what]), _best(times["h2spg", what])
             print(f"{name:<14} {space.num_groups:>6} {len(jax.tree_util.tree_leaves(params)):>6}"
-                  f"  {what:<11} {b[0]:7.2f} {h[0]:8.2f} {h[0] / b[0]:6.2f} {h[1] / b[1]:6.2f}",
-                  flush=True)
+                  f"  {what:<11} {b[0]:7.2f} {h[0]:8.2f} {h[0] / b[0]:6.2f} {h[1] / b[1]:6.2f}"
+                  f" {_load():>7}", flush=True)
 
 
 def main() -> None:

@@ -229,9 +229,9 @@ class _Layout:
     leaf_groups: tuple[int, ...]  # group owning each whole leaf, -1 for G_s^C and split leaves
     whole: tuple[int, ...]  # indices of leaves one group owns whole
     split: tuple[int, ...]  # indices of leaves split between groups (slices along an axis)
-    buckets: tuple[tuple[int, ...], ...]  # whole leaves of one shape and dtype
+    buckets: tuple[tuple[int, ...], ...]  # with many whole leaves: those of one shape and dtype
     bucket_groups: np.ndarray  # group of each leaf of the buckets, in bucket order
-    members: tuple[tuple[int, ...], ...]  # the whole leaves of each group
+    members: tuple[tuple[int, ...], ...]  # the whole leaves of each group, but bucketed ones
 
 
 def _layout(space, params, name: str) -> _Layout:
@@ -262,12 +262,15 @@ def _layout(space, params, name: str) -> _Layout:
     whole = tuple(i for i, g in enumerate(gids) if g >= 0)
     split = tuple(i for i, m in enumerate(maps) if m.axis is not None and m.grouped)
     by_kind: dict[tuple, list[int]] = {}
-    for i in whole:
-        by_kind.setdefault((np.shape(leaves[i]), str(leaves[i].dtype)), []).append(i)
+    if len(whole) > _FEW_LEAVES:
+        for i in whole:
+            by_kind.setdefault((np.shape(leaves[i]), str(leaves[i].dtype)), []).append(i)
     buckets = tuple(tuple(b) for b in by_kind.values())
-    order = np.array([gids[i] for b in buckets for i in b], np.int32)
-    members = tuple(tuple(i for i in whole if gids[i] == g) for g in range(space.num_groups))
-    return _Layout(maps, gids, whole, split, buckets, order, members)
+    bucket_groups = np.array([gids[i] for b in buckets for i in b], np.int32)
+    stacked = {i for b in buckets for i in b}
+    members = tuple(tuple(i for i in whole if gids[i] == g and i not in stacked)
+                    for g in range(space.num_groups))
+    return _Layout(maps, gids, whole, split, buckets, bucket_groups, members)
 
 
 # Up to this many whole grouped leaves, statistics are summed leaf by leaf (fastest to run);
@@ -293,46 +296,45 @@ def _split_dots(m: LeafGroupMap, num_groups: int, x: jax.Array, y: jax.Array) ->
 def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array:
     """``float32[3, G]``: each group's <a, a>, <a, b> and <b, b> over its entries.
 
-    Whole leaves of one shape are stacked and reduced together, so the number of operations
-    (and the compile time) grows with the number of distinct shapes, not of leaves; a split
-    leaf (a stacked layer parameter) is reduced once for all its slices.
+    With many whole leaves, those of one shape are stacked and reduced together, so the
+    number of operations (and the compile time) grows with the number of distinct shapes, not
+    of leaves; a split leaf (a stacked layer parameter) is reduced once for all its slices.
     """
-    split = [_split_dots(layout.maps[i], num_groups, a[i], b[i]) for i in layout.split]
-    if layout.whole:
-        split.append(_whole_dots(layout, num_groups, a, b))
-    return sum(split[1:], split[0]) if split else jnp.zeros((3, num_groups), jnp.float32)
-
-
-def _whole_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array:
-    """:func:`_group_dots` over the whole leaves."""
-    if len(layout.whole) <= _FEW_LEAVES:
+    parts = [_split_dots(layout.maps[i], num_groups, a[i], b[i]) for i in layout.split]
+    if any(layout.members):
         zero = jnp.zeros(3, jnp.float32)
-        return jnp.stack([functools.reduce(jnp.add, [_dots(a[i], b[i]) for i in leaves])
-                          if leaves else zero for leaves in layout.members], axis=1)
-    sums = []
-    for bucket in layout.buckets:
-        if len(bucket) == 1:  # stacking one leaf would only add a copy
-            sums.append(_dots(a[bucket[0]], b[bucket[0]])[:, None])
-            continue
-        x = jnp.stack([a[i] for i in bucket]).astype(jnp.float32)
-        y = jnp.stack([b[i] for i in bucket]).astype(jnp.float32)
-        axes = tuple(range(1, x.ndim))
-        sums.append(jnp.stack([jnp.sum(x * x, axes), jnp.sum(x * y, axes), jnp.sum(y * y, axes)]))
-    per_leaf = jnp.concatenate(sums, axis=1)
-    if per_leaf.shape[1] * num_groups <= 1 << 16:  # small: a dense sum beats a scatter on CPU
-        one_hot = np.eye(num_groups, dtype=np.float32)[layout.bucket_groups]
-        return jnp.dot(per_leaf, one_hot, precision=jax.lax.Precision.HIGHEST)
-    return jax.vmap(lambda v: jax.ops.segment_sum(v, layout.bucket_groups, num_groups))(per_leaf)
+        parts.append(jnp.stack([functools.reduce(jnp.add, [_dots(a[i], b[i]) for i in leaves])
+                                if leaves else zero for leaves in layout.members], axis=1))
+    if layout.buckets:
+        sums = []
+        for bucket in layout.buckets:
+            if len(bucket) == 1:  # stacking one leaf would only add a copy
+                sums.append(_dots(a[bucket[0]], b[bucket[0]])[:, None])
+                continue
+            x = jnp.stack([a[i] for i in bucket]).astype(jnp.float32)
+            y = jnp.stack([b[i] for i in bucket]).astype(jnp.float32)
+            axes = tuple(range(1, x.ndim))
+            sums.append(jnp.stack([jnp.sum(x * x, axes), jnp.sum(x * y, axes),
+                                   jnp.sum(y * y, axes)]))
+        per_leaf = jnp.concatenate(sums, axis=1)
+        gids = layout.bucket_groups
+        if per_leaf.shape[1] * num_groups <= 1 << 16:  # small: a dense sum beats a scatter
+            one_hot = np.eye(num_groups, dtype=np.float32)[gids]
+            parts.append(jnp.dot(per_leaf, one_hot, precision=jax.lax.Precision.HIGHEST))
+        else:
+            parts.append(jax.vmap(lambda v: jax.ops.segment_sum(v, gids, num_groups))(per_leaf))
+    return functools.reduce(jnp.add, parts) if parts else jnp.zeros((3, num_groups), jnp.float32)
 
 
 def _as_buffers(always: jax.Array, values: Any) -> Any:
     """``values`` (a tree of small arrays), returned by a conditional as plain buffers.
 
-    A value computed from many others (the sum of per-leaf sums, a static slice of a shared
-    array) is fused into every consumer, so every leaf's kernel would recompute it and get a
-    kernel of its own; values that leave a conditional are buffers, and leaves of one shape
-    share one kernel (DARTS-8, 2,807 leaves, compiles about 4x faster). ``always`` is a
-    predicate that is always true but unknown to the compiler.
+    A value computed from many others (the sum of per-leaf sums, the per-group arrays) is
+    fused into every consumer, so every leaf's kernel would recompute it; a constant (a leaf's
+    group index) is folded into it, so every leaf would get a kernel of its own. Values that
+    leave a conditional are buffers: the kernels of leaves of one shape are then identical,
+    and XLA compiles identical kernels once (DARTS-8, 2,807 leaves, compiles about 4x faster).
+    ``always`` is a predicate that is always true but unknown to the compiler.
     """
     return jax.lax.cond(always, lambda: values,
                         lambda: jax.tree_util.tree_map(jnp.zeros_like, values))
@@ -560,28 +562,32 @@ def hybrid_sparse_optimizer(
         project = active & (test | final)
         push = active & ~project
         zero = state.zero | project
-        out = list(us)
 
-        def place(i, zero_at, push_at, keep_at, shrink_at):
-            x, u = xs[i], us[i]
+        def place(x, u, zero_at, push_at, keep_at, shrink_at):
             moved = u if redundant_step == "half_space" else keep_at.astype(u.dtype) * u
             moved = moved - shrink_at.astype(u.dtype) * x
             # A select, not arithmetic, keeps G_r^C's update bit-identical to the base's (with
             # FMA contraction, u - 0 * x may round differently), and makes the update of a
             # zero group exactly -x, so that params + updates is exactly 0.
-            out[i] = jnp.where(zero_at, -x.astype(u.dtype), jnp.where(push_at, moved, u))
+            return jnp.where(zero_at, -x.astype(u.dtype), jnp.where(push_at, moved, u))
 
-        whole_groups = sorted({layout.leaf_groups[i] for i in layout.whole})
-        scalars = _as_buffers(count >= 0, (finite, [
-            {g: a[g] for g in whole_groups} for a in (zero, push, keep_u, shrink)]))
-        finite, (zero_g, push_g, keep_g, shrink_g) = scalars
+        # The per-group values and each whole leaf's group index reach the leaves' kernels as
+        # buffers (see _as_buffers), so that the kernels of leaves of one shape are one.
+        values = jnp.stack([zero.astype(jnp.float32), push.astype(jnp.float32),
+                            keep_u.astype(jnp.float32), shrink.astype(jnp.float32)])
+        finite, values, leaf_gid = _as_buffers(count >= 0, (
+            finite, values, {i: jnp.int32(layout.leaf_groups[i]) for i in layout.whole}))
+        out = list(us)
         for i in layout.whole:
-            g = layout.leaf_groups[i]
-            place(i, zero_g[g], push_g[g], keep_g[g], shrink_g[g])
+            z, p, k, s = jax.lax.dynamic_index_in_dim(values, leaf_gid[i], 1, keepdims=False)
+            out[i] = place(xs[i], us[i], z > 0, p > 0, k, s)
+        fills = (0.0, 0.0, 1.0, 0.0)  # G_s^C's entries of a split leaf
         for i in layout.split:  # per-slice values, broadcast along the split axis
             m, ndim = layout.maps[i], xs[i].ndim
-            place(i, m.take(zero, False, ndim), m.take(push, False, ndim),
-                  m.take(keep_u, 1.0, ndim), m.take(shrink, 0.0, ndim))
+            z, p, k, s = (m.take(values[r], fills[r], ndim) for r in range(4))
+            out[i] = place(xs[i], us[i], z > 0, p > 0, k, s)
+        # A non-finite step: zero updates, the state as it was but for the count of such steps.
+        out = [jnp.where(finite, u, jnp.zeros((), u.dtype)) for u in out]
 
         new_state = H2SPGState(
             count=optax.safe_increment(count),
@@ -597,9 +603,8 @@ def hybrid_sparse_optimizer(
             notfinite_count=state.notfinite_count,
             base_state=base_state,
         )
-        # A non-finite step: zero updates, the state as it was but for the count of such steps.
-        out = [jnp.where(finite, u, jnp.zeros((), u.dtype)) for u in out]
-        new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        # A conditional only chooses buffers, no kernel per leaf of the base optimizer's state.
+        new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
         new_state = new_state._replace(
             notfinite_count=state.notfinite_count + (~finite).astype(jnp.int32))
         return jax.tree_util.tree_unflatten(treedef, out), new_state
