@@ -178,3 +178,35 @@ def test_a_stack_of_another_depth_does_not_match_the_space():
     short = {**p, "w": p["w"][:-1], "b": p["b"][:-1]}
     with pytest.raises(ValueError, match="does not match the search space"):
         tx.init(short)
+
+
+def test_h2spg_on_a_scanned_decoder_zeroes_k_blocks_and_builds_an_exact_sub_network():
+    """``nn.scan`` over the layers of the zoo's decoder: each layer's attention and MLP block is
+    a group of slices of the stacked leaves under ``params/layers``."""
+    import asgssd_zoo as zoo
+
+    model = zoo.create("decoder_lm", scan_layers=True, depth=2, dim=16, num_heads=2,
+                       num_kv_heads=1, mlp_dim=32)
+    tokens = jax.random.randint(jax.random.key(3), (4, 8), 0, 90)
+    variables = model.init(jax.random.key(0), tokens[:2], train=False)
+    space = ag.generate_search_space(model.apply, variables, tokens[:2], train=False)
+    assert space.num_groups == 4 and all(s.axis == 0 for gr in space.groups for s in gr.slices)
+
+    def loss(p):
+        logits = model.apply({**variables, "params": p}, tokens[:, :-1], train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    tx = ag.h2spg(space, 0.05, 0.5, warmup_steps=2, projection_steps=2)
+    params, state = variables["params"], tx.init(variables["params"])
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    for _ in range(5):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        zero = np.flatnonzero(np.asarray(ag.h2spg_info(state).zero_groups)).tolist()
+        assert zero == space.zero_group_indices(params)
+    assert len(zero) == 2 and space.is_valid(zero)
+    trained = {**variables, "params": params}
+    sub = ag.construct_subnetwork(space, trained)
+    want = model.apply(trained, tokens, train=False)
+    got = sub.apply(sub.variables, tokens, train=False)
+    assert ag.relative_difference(want, got) <= 1e-5
