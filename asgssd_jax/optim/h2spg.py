@@ -329,12 +329,11 @@ def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array
 def _as_buffers(always: jax.Array, values: Any) -> Any:
     """``values`` (a tree of small arrays), returned by a conditional as plain buffers.
 
-    A value computed from many others (the sum of per-leaf sums, the per-group arrays) is
-    fused into every consumer, so every leaf's kernel would recompute it; a constant (a leaf's
-    group index) is folded into it, so every leaf would get a kernel of its own. Values that
-    leave a conditional are buffers: the kernels of leaves of one shape are then identical,
-    and XLA compiles identical kernels once (DARTS-8, 2,807 leaves, compiles about 4x faster).
-    ``always`` is a predicate that is always true but unknown to the compiler.
+    A value computed from many others (a static slice of the per-group arrays) is fused into
+    every consumer, so every leaf's kernel would recompute it and differ from the others.
+    Values that leave a conditional are buffers: the kernels of leaves of one shape are then
+    identical, and XLA compiles identical kernels once (DARTS-8, 2,807 leaves, compiles about
+    4x faster). ``always`` is a predicate that is always true but unknown to the compiler.
     """
     return jax.lax.cond(always, lambda: values,
                         lambda: jax.tree_util.tree_map(jnp.zeros_like, values))
@@ -453,18 +452,24 @@ def hybrid_sparse_optimizer(
             gs = treedef.flatten_up_to(grads)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{name}: grads and params have different structures: {e}") from None
-        # A step with a non-finite gradient changes nothing but the count of such steps: the
-        # step is computed and then dropped by selects (a conditional around it would cost a
-        # second copy of every per-leaf kernel to compile, and keep the base update and the
-        # projection from fusing).
+        # A step with a non-finite gradient changes nothing but the count of such steps.
         finite = _all_finite(gs)
         if nonfinite == "raise":
             jax.lax.cond(finite, lambda: None,
                          lambda: jax.debug.callback(
                              functools.partial(_raise_nonfinite, name), state.count))
-        return _step(grads, state, params, layout, xs, gs, treedef, finite)
 
-    def _step(grads, state, params, layout, xs, gs, treedef, finite):
+        def apply():
+            return _step(grads, state, params, layout, xs, gs, treedef)
+
+        def skip():  # zero updates of the base optimizer's shapes and dtypes (as the step's)
+            shapes = jax.eval_shape(base_tx.update, grads, state.base_state, params)[0]
+            return (jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
+                    state._replace(notfinite_count=state.notfinite_count + 1))
+
+        return jax.lax.cond(finite, apply, skip)
+
+    def _step(grads, state, params, layout, xs, gs, treedef):
         count = state.count
         updates, base_state = base_tx.update(grads, state.base_state, params)
         us = treedef.flatten_up_to(updates)
@@ -571,23 +576,20 @@ def hybrid_sparse_optimizer(
             # zero group exactly -x, so that params + updates is exactly 0.
             return jnp.where(zero_at, -x.astype(u.dtype), jnp.where(push_at, moved, u))
 
-        # The per-group values and each whole leaf's group index reach the leaves' kernels as
-        # buffers (see _as_buffers), so that the kernels of leaves of one shape are one.
-        values = jnp.stack([zero.astype(jnp.float32), push.astype(jnp.float32),
-                            keep_u.astype(jnp.float32), shrink.astype(jnp.float32)])
-        finite, values, leaf_gid = _as_buffers(count >= 0, (
-            finite, values, {i: jnp.int32(layout.leaf_groups[i]) for i in layout.whole}))
+        # The per-group values reach the leaves' kernels as buffers (see _as_buffers): one
+        # scalar per group for the whole leaves, the [G] arrays for the split ones.
+        arrays = (zero, push, keep_u, shrink)
+        whole_groups = sorted({layout.leaf_groups[i] for i in layout.whole})
+        scalars, arrays = _as_buffers(count >= 0, (
+            [{g: a[g] for g in whole_groups} for a in arrays], arrays if layout.split else ()))
         out = list(us)
         for i in layout.whole:
-            z, p, k, s = jax.lax.dynamic_index_in_dim(values, leaf_gid[i], 1, keepdims=False)
-            out[i] = place(xs[i], us[i], z > 0, p > 0, k, s)
-        fills = (0.0, 0.0, 1.0, 0.0)  # G_s^C's entries of a split leaf
+            g = layout.leaf_groups[i]
+            out[i] = place(xs[i], us[i], *(s[g] for s in scalars))
+        fills = (False, False, 1.0, 0.0)  # G_s^C's entries of a split leaf
         for i in layout.split:  # per-slice values, broadcast along the split axis
             m, ndim = layout.maps[i], xs[i].ndim
-            z, p, k, s = (m.take(values[r], fills[r], ndim) for r in range(4))
-            out[i] = place(xs[i], us[i], z > 0, p > 0, k, s)
-        # A non-finite step: zero updates, the state as it was but for the count of such steps.
-        out = [jnp.where(finite, u, jnp.zeros((), u.dtype)) for u in out]
+            out[i] = place(xs[i], us[i], *(m.take(a, f, ndim) for a, f in zip(arrays, fills)))
 
         new_state = H2SPGState(
             count=optax.safe_increment(count),
@@ -603,10 +605,6 @@ def hybrid_sparse_optimizer(
             notfinite_count=state.notfinite_count,
             base_state=base_state,
         )
-        # A conditional only chooses buffers, no kernel per leaf of the base optimizer's state.
-        new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
-        new_state = new_state._replace(
-            notfinite_count=state.notfinite_count + (~finite).astype(jnp.int32))
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
