@@ -195,8 +195,9 @@ def _target_count(space, target_group_sparsity, cap: bool, name: str):
     k = int(t * num_groups)
     if num_groups == 0 and t > 0:
         warnings.warn(
-            f"{name}: the search space has no removal structures (scan and other control flow "
-            "are opaque, shared weights and candidates that fail zero-invariance are excluded: "
+            f"{name}: the search space has no removal structures (cond, while and scans over "
+            "data alone are opaque, shared weights and candidates that fail zero-invariance are "
+            "excluded: "
             "see space.summary()), so nothing will be removed and the network trains with the "
             "base optimizer alone", SparsityWarning, stacklevel=3)
     if cap:
