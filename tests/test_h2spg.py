@@ -367,7 +367,7 @@ def _dags(draw):
     return g, groups, np.asarray(saliency, np.float32)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_dags(), st.floats(0, 0.99))
 def test_search_is_algorithm3_and_always_reaches_k_when_possible(dag, sparsity):
     g, groups, saliency = dag

@@ -286,22 +286,3 @@ def test_a_scanned_sub_network_checkpoints_and_exports(tmp_path):
     for batch in (1, 6):
         xb = _x(batch, seed=60 + batch)
         assert ag.relative_difference(model.apply(z, xb), loaded(xb)) <= RTOL
-
-
-def test_asgssd_run_on_a_scanned_decoder_removes_layer_slices(tmp_path):
-    """The whole pipeline on decoder_lm with nn.scan: H2SPG zeroes exactly K per-layer slices
-    of the stacked leaves; the sub-network (of smaller stacks) is exact and exports."""
-    from asgssd_jax.pipeline import RunConfig, run
-
-    cfg = RunConfig(model="decoder_lm", dataset="python_source", context_length=16,
-                    train_size=32, test_size=8, batch_size=8, steps_per_epoch=3, epochs=3,
-                    warmup_epochs=1, projection_epochs=1, target_sparsity=0.5,
-                    overrides={"depth": 2, "dim": 16, "mlp_dim": 32, "num_heads": 2,
-                               "num_kv_heads": 1, "scan_layers": True},
-                    out=str(tmp_path / "run"))
-    report = run(cfg, log=lambda _: None, progress=False)
-    assert report["search_space"]["num_groups"] == 4 and len(report["zero_groups"]) == 2
-    assert report["valid"]
-    assert report["subnetwork"]["relative_difference_to_zeroed_full"] <= RTOL
-    assert report["subnetwork"]["params"] < report["full"]["params"]
-    assert (tmp_path / "run" / "subnetwork.jax_export").exists()

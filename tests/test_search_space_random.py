@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import asgssd_jax as ag
 from tests.archgen import init_random, random_network
 
-SETTINGS = settings(max_examples=60, deadline=None,
+SETTINGS = settings(max_examples=36, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -355,7 +355,7 @@ def test_removed_sigmoid_branch_leaves_its_constant():
 # Random architectures and the zoo
 
 
-SETTINGS = settings(max_examples=150, deadline=None, database=None,
+SETTINGS = settings(max_examples=90, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
