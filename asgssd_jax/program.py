@@ -21,7 +21,7 @@ from jax.extend import core as jex_core
 
 from asgssd_jax.primitives import ELEMENTWISE
 
-__all__ = ["MAX_UNROLL", "Op", "Program", "TraceError", "leaf_path", "slice_units",
+__all__ = ["MAX_UNROLL", "Op", "Program", "TraceError", "leaf_path", "slice_path", "slice_units",
            "trace_program"]
 
 
@@ -342,6 +342,15 @@ def trace_program(
     program = _flatten(closed, n, out_tree_box[-1])
     program.arg_tree = arg_tree
     return program, paths, treedef
+
+
+def slice_path(path: str, axis: int | None, indices: Sequence[int] = ()) -> str:
+    """``path`` for a whole leaf, ``path[j]`` / ``path[:, j]`` / ``path[[j, k]]`` for entries
+    ``indices`` along ``axis``."""
+    if axis is None:
+        return path
+    idx = str(indices[0]) if len(indices) == 1 else str(list(indices))
+    return f"{path}[{':, ' * axis}{idx}]"
 
 
 def slice_units(prog: Program) -> dict[int, tuple[int, int, int]]:

@@ -24,6 +24,7 @@ import numpy as np
 from asgssd_jax.cost import op_macs
 from asgssd_jax.naming import operation_name
 from asgssd_jax.primitives import CONTROL_FLOW, ELEMENTWISE, REDUCE, WINDOW
+from asgssd_jax.program import slice_path
 from asgssd_jax.segments import SegmentGraph, build_segment_graph
 from asgssd_jax.trace import TraceGraph, trace
 from asgssd_jax.zero_invariance import check_zero_invariance
@@ -285,10 +286,7 @@ class GroupSlice:
     indices: tuple[int, ...] = ()
 
     def __str__(self) -> str:
-        if self.axis is None:
-            return self.path
-        idx = str(self.indices[0]) if len(self.indices) == 1 else str(list(self.indices))
-        return f"{self.path}[{':, ' * self.axis}{idx}]"
+        return slice_path(self.path, self.axis, self.indices)
 
 
 @dataclasses.dataclass(frozen=True)

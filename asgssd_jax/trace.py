@@ -34,6 +34,7 @@ from asgssd_jax.program import (
     Program,
     TraceError,
     leaf_path,
+    slice_path,
     slice_units,
     trace_program,
 )
@@ -155,9 +156,7 @@ class TraceGraph:
     def unit_path(self, u: int) -> str:
         """``path`` for a whole leaf, ``path[j]`` (``path[:, j]``, ...) for a slice unit."""
         leaf, axis, index = self.units[u]
-        if axis is None:
-            return self.leaf_paths[leaf]
-        return f"{self.leaf_paths[leaf]}[{':, ' * axis}{index}]"
+        return slice_path(self.leaf_paths[leaf], axis, (index,))
 
     def unit_trainable(self, u: int) -> bool:
         return self.trainable[self.units[u][0]]

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asgssd_jax.program import slice_path
 from asgssd_jax.search_space import SearchSpace
 from asgssd_jax.surgery.linen import SubNetwork
 from asgssd_jax.surgery.plan import (
@@ -247,7 +248,7 @@ def construct_subnetwork(
         leaf_avals=tuple(jax.tree_util.tree_leaves(jax.eval_shape(lambda t: t, variables))),
         kept=kept, leaf_slices=leaf_slices, removed_groups=tuple(zero),
         removed_paths=tuple(sorted(
-            paths[r] if isinstance(r, int) else f"{paths[r[0]]}[{':, ' * r[1]}{r[2]}]"
+            paths[r] if isinstance(r, int) else slice_path(paths[r[0]], r[1], (r[2],))
             for r in removed)),
         modes=tuple(mode_plans), sample_args=sample_args, unavailable=unavailable)
     kept_values = {i: _slice_leaf(leaf_values[i], leaf_slices.get(i)) for i in kept}
