@@ -340,23 +340,21 @@ class LeafGroupMap:
         """Boolean array broadcastable to the leaf: True where the owning group is in
         ``chosen`` (a boolean array over groups)."""
         padded = np.concatenate([np.asarray(chosen, bool), [False]])
-        hit = padded[self.ids]  # -1 reads the padded False
-        if self.axis is None:
-            return hit.reshape(())
-        shape = [1] * ndim
-        shape[self.axis] = len(self.ids)
-        return hit.reshape(shape)
+        return padded[self.ids].reshape(self._shape(ndim))  # -1 reads the padded False
 
     def take(self, values: jax.Array, fill: Any, ndim: int) -> jax.Array:
         """Per-group ``values[G]`` read for each entry, broadcastable to the leaf; ``fill``
         where no group owns the entry (jittable)."""
         padded = jnp.concatenate([values, jnp.full((1,), fill, values.dtype)])
-        got = padded[jnp.asarray(self.ids)]
+        return padded[jnp.asarray(self.ids)].reshape(self._shape(ndim))
+
+    def _shape(self, ndim: int) -> tuple[int, ...]:
+        """The shape that broadcasts one value per entry along ``axis`` to the leaf."""
         if self.axis is None:
-            return got.reshape(())
+            return ()
         shape = [1] * ndim
         shape[self.axis] = len(self.ids)
-        return got.reshape(shape)
+        return tuple(shape)
 
     def group_sums(self, x: jax.Array, num_groups: int) -> jax.Array:
         """``float32[G]``: the sum of ``x`` (the leaf, or a product of leaves) over each group's
