@@ -17,7 +17,12 @@ from hypothesis import strategies as st
 
 import asgssd_jax as ag
 import asgssd_zoo as models
-from asgssd_jax.optim import SearchGraph, hierarchical_search, top_k_search
+from asgssd_jax.optim import (
+    SearchGraph,
+    hierarchical_search,
+    host_hierarchical_search,
+    top_k_search,
+)
 from tests.archgen import init_random, random_network
 
 KEY = jax.random.key(0)
@@ -209,13 +214,23 @@ def test_inject_hyperparams_with_schedules_matches_the_plain_transformation(demo
     assert float(s1.hyperparams["learning_rate"]) == pytest.approx(float(schedule(5)))
 
 
-def test_update_has_no_host_callbacks(demo):
+def test_only_the_search_step_calls_the_host_once(demo, monkeypatch):
+    from asgssd_jax.optim import search as search_module
+
     _, space, variables, _ = demo
     tx = ag.h2spg(space, 0.05, 0.6, warmup_steps=2, projection_steps=2)
     params = variables["params"]
-    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
-    text = str(jaxpr)
-    assert "callback" not in text and "io_callback" not in text
+    text = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+    assert text.count("pure_callback") == 1 and "io_callback" not in text
+    calls = []
+    real = search_module.host_hierarchical_search
+    monkeypatch.setattr(search_module, "host_hierarchical_search",
+                        lambda *a: calls.append(a[2]) or real(*a))
+    _, state = _run(tx, params, 6)
+    assert len(calls) == 1  # at update warmup_steps only
+    want = hierarchical_search(SearchGraph.from_space(space), ag.h2spg_info(state).saliency,
+                               int(0.6 * space.num_groups))
+    assert _redundant(state) == set(np.flatnonzero(np.asarray(want)))
 
 
 def test_orbax_checkpoint_in_each_phase_resumes_bit_identically(demo, tmp_path):
@@ -387,6 +402,8 @@ def test_search_is_algorithm3_and_always_reaches_k_when_possible(dag, sparsity):
     host = _host_greedy(g, 0, len(g) - 1, groups, saliency, min(k, most))
     if len(host) == min(k, most):  # Algorithm 3 itself reached K: same choice
         assert got == host
+    order = np.argsort(saliency, kind="stable")
+    assert sorted(np.flatnonzero(host_hierarchical_search(graph, order, k)).tolist()) == got
     top = np.flatnonzero(np.asarray(top_k_search(len(groups), saliency, k)))
     assert len(top) == k
 

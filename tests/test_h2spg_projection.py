@@ -180,7 +180,7 @@ def test_a_non_finite_step_is_skipped_in_every_phase(demo, nan_tx, bad, phase, w
     assert len(zeros) == int(0.6 * space.num_groups) and space.is_valid(zeros)
 
 
-def test_nonfinite_raise_raises_and_the_default_has_no_host_call(demo):
+def test_nonfinite_raise_raises_and_the_default_has_no_debug_callback(demo):
     space, params, _ = demo
     tx = ag.h2spg(space, 0.05, 0.6, warmup_steps=2, projection_steps=2, nonfinite="raise")
     state = tx.init(params)
@@ -190,7 +190,8 @@ def test_nonfinite_raise_raises_and_the_default_has_no_host_call(demo):
     with pytest.raises(Exception, match="non-finite gradient"):
         jax.block_until_ready(update(bad, state, params))
     plain = ag.h2spg(space, 0.05, 0.6, warmup_steps=2, projection_steps=2)
-    assert "callback" not in str(jax.make_jaxpr(plain.update)(params, plain.init(params), params))
+    text = str(jax.make_jaxpr(plain.update)(params, plain.init(params), params))
+    assert "debug_callback" not in text and text.count("pure_callback") == 1  # the search's
     with pytest.raises(ValueError, match="nonfinite"):
         ag.h2spg(space, 0.05, 0.6, warmup_steps=2, projection_steps=2, nonfinite="ignore")
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import asgssd_jax as ag
 from asgssd_jax.optim.h2spg import SparsityWarning, search_graph
-from asgssd_jax.optim.search import SearchGraph, hierarchical_search
+from asgssd_jax.optim.search import SearchGraph, hierarchical_search, host_hierarchical_search
 
 
 class TwoHeads(nn.Module):
@@ -171,5 +171,8 @@ def test_search_on_random_graphs_with_several_pairs(rnd):
     search = jax.jit(hierarchical_search, static_argnums=0)
     for k in (1, 3, 5):
         removed = np.flatnonzero(search(sg, saliency, k))
+        order = np.argsort(np.asarray(saliency), kind="stable")
+        np.testing.assert_array_equal(np.flatnonzero(host_hierarchical_search(sg, order, k)),
+                                      removed)
         assert len(removed) == min(k, sg.max_removable)
         assert _connected(graph, pairs, [groups[i] for i in removed])

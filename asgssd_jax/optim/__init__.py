@@ -9,7 +9,13 @@ from asgssd_jax.optim.saliency import (
     magnitude_saliency,
     taylor_saliency,
 )
-from asgssd_jax.optim.search import SearchGraph, hierarchical_search, top_k_search
+from asgssd_jax.optim.search import (
+    SearchGraph,
+    hierarchical_search,
+    hierarchical_search_callback,
+    host_hierarchical_search,
+    top_k_search,
+)
 
 __all__ = [
     "H2SPGInfo",
@@ -23,6 +29,8 @@ __all__ = [
     "h2spg",
     "h2spg_info",
     "hierarchical_search",
+    "hierarchical_search_callback",
+    "host_hierarchical_search",
     "magnitude_saliency",
     "proxsg_plus",
     "taylor_saliency",

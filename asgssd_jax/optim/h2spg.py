@@ -4,9 +4,10 @@ Phases, counted in updates (``state.count``):
 
 * warm-up, ``count < warmup_steps``: the base optimizer updates every leaf; each group's
   saliency is averaged exponentially.
-* hierarchical search, at ``count == warmup_steps``, once and in-graph: groups visited by
-  ascending saliency join the redundant set G_r while the network stays valid and
-  |G_r| < K (:func:`~asgssd_jax.optim.search.hierarchical_search`).
+* hierarchical search, at ``count == warmup_steps``, once: groups visited by ascending
+  saliency join the redundant set G_r while the network stays valid and |G_r| < K
+  (:func:`~asgssd_jax.optim.search.hierarchical_search`, run on the host through one
+  callback so that the train step does not compile it).
 * hybrid, from ``warmup_steps`` on: G_r^C follows the base optimizer unchanged. During the
   ``projection_steps`` steps that start at the search, each redundant group takes the base step
   plus a group-lasso push towards zero and is projected onto exactly zero when the half-space
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 
 from asgssd_jax.optim.saliency import SaliencyFn, SaliencyInputs, resolve_saliency
-from asgssd_jax.optim.search import SearchGraph, hierarchical_search, top_k_search
+from asgssd_jax.optim.search import SearchGraph, hierarchical_search_callback, top_k_search
 from asgssd_jax.search_space import LeafGroupMap
 
 __all__ = [
@@ -230,9 +231,6 @@ class _Layout:
     leaf_groups: tuple[int, ...]  # group owning each whole leaf, -1 for G_s^C and split leaves
     whole: tuple[int, ...]  # indices of leaves one group owns whole
     split: tuple[int, ...]  # indices of leaves split between groups (slices along an axis)
-    buckets: tuple[tuple[int, ...], ...]  # with many whole leaves: those of one shape and dtype
-    bucket_groups: np.ndarray  # group of each leaf of the buckets, in bucket order
-    members: tuple[tuple[int, ...], ...]  # the whole leaves of each group, but bucketed ones
 
 
 def _layout(space, params, name: str) -> _Layout:
@@ -262,79 +260,68 @@ def _layout(space, params, name: str) -> _Layout:
     gids = tuple(m.whole if m.axis is None else -1 for m in maps)
     whole = tuple(i for i, g in enumerate(gids) if g >= 0)
     split = tuple(i for i, m in enumerate(maps) if m.axis is not None and m.grouped)
-    by_kind: dict[tuple, list[int]] = {}
-    if len(whole) > _FEW_LEAVES:
-        for i in whole:
-            by_kind.setdefault((np.shape(leaves[i]), str(leaves[i].dtype)), []).append(i)
-    buckets = tuple(tuple(b) for b in by_kind.values())
-    bucket_groups = np.array([gids[i] for b in buckets for i in b], np.int32)
-    stacked = {i for b in buckets for i in b}
-    members = tuple(tuple(i for i in whole if gids[i] == g and i not in stacked)
-                    for g in range(space.num_groups))
-    return _Layout(maps, gids, whole, split, buckets, bucket_groups, members)
+    return _Layout(maps, gids, whole, split)
 
 
-# Up to this many whole grouped leaves, statistics are summed leaf by leaf (fastest to run);
-# beyond, leaves of one shape are stacked first (far fewer operations to compile).
-_FEW_LEAVES = 256
+def _add4(a, b):
+    return tuple(p + q for p, q in zip(a, b))
 
 
-def _dots(x: jax.Array, y: jax.Array) -> jax.Array:
-    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-    return jnp.stack([jnp.sum(x * x), jnp.sum(x * y), jnp.sum(y * y)])
+def _reduce4(x: jax.Array, b: jax.Array, u: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``float32[4, ...]``: <x, x>, <x, b>, <b, b> and the sum of ``u`` over ``axes``, as one
+    variadic reduction (one kernel per shape; three ``jnp.sum`` would compile three)."""
+    x, b, u = x.astype(jnp.float32), b.astype(jnp.float32), u.astype(jnp.float32)
+    zero = jnp.zeros([], jnp.float32)
+    return jnp.stack(jax.lax.reduce((x * x, x * b, b * b, u), (zero,) * 4, _add4, axes))
 
 
-def _split_dots(m: LeafGroupMap, num_groups: int, x: jax.Array, y: jax.Array) -> jax.Array:
-    """``float32[3, G]``: <x, x>, <x, y>, <y, y> of one split leaf's slices, summed by group:
-    a reduction over the other axes, then one segment sum over the slices' group ids."""
-    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-    other = tuple(a for a in range(x.ndim) if a != m.axis)
-    per = jnp.stack([jnp.sum(x * x, other), jnp.sum(x * y, other), jnp.sum(y * y, other)])
-    ids = np.where(m.ids >= 0, m.ids, num_groups)  # G_s^C's slices go to a dropped segment
-    return jax.ops.segment_sum(per.T, ids, num_groups + 1)[:num_groups].T
+def _group_stats(layout: _Layout, num_groups: int, xs: list, bs: list, us: list
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Each group's <x, x>, <x, b>, <b, b> over its entries (``float32[3, G]``), and one number
+    that is finite only if every ``b`` of a grouped leaf and every update ``u`` is finite.
 
-
-def _group_dots(layout: _Layout, num_groups: int, a: list, b: list) -> jax.Array:
-    """``float32[3, G]``: each group's <a, a>, <a, b> and <b, b> over its entries.
-
-    With many whole leaves, those of one shape are stacked and reduced together, so the
-    number of operations (and the compile time) grows with the number of distinct shapes, not
-    of leaves; a split leaf (a stacked layer parameter) is reduced once for all its slices.
+    One pass over every leaf: the statistics and the finiteness check share one reduction
+    per leaf, and XLA compiles the identical reductions of leaves of one shape once, so the
+    step compiles one kernel per leaf shape for both. A split leaf (a stacked layer
+    parameter) is reduced once for all its slices, then summed by its slices' groups.
     """
-    parts = [_split_dots(layout.maps[i], num_groups, a[i], b[i]) for i in layout.split]
-    if any(layout.members):
-        zero = jnp.zeros(3, jnp.float32)
-        parts.append(jnp.stack([functools.reduce(jnp.add, [_dots(a[i], b[i]) for i in leaves])
-                                if leaves else zero for leaves in layout.members], axis=1))
-    if layout.buckets:
-        sums = []
-        for bucket in layout.buckets:
-            if len(bucket) == 1:  # stacking one leaf would only add a copy
-                sums.append(_dots(a[bucket[0]], b[bucket[0]])[:, None])
-                continue
-            x = jnp.stack([a[i] for i in bucket]).astype(jnp.float32)
-            y = jnp.stack([b[i] for i in bucket]).astype(jnp.float32)
-            axes = tuple(range(1, x.ndim))
-            sums.append(jnp.stack([jnp.sum(x * x, axes), jnp.sum(x * y, axes),
-                                   jnp.sum(y * y, axes)]))
-        per_leaf = jnp.concatenate(sums, axis=1)
-        gids = layout.bucket_groups
-        if per_leaf.shape[1] * num_groups <= 1 << 16:  # small: a dense sum beats a scatter
+    parts, checks = [], []
+    for i in layout.split:
+        m = layout.maps[i]
+        other = tuple(a for a in range(xs[i].ndim) if a != m.axis)
+        per = _reduce4(xs[i], bs[i], us[i], other)  # [4, slices]
+        ids = np.where(m.ids >= 0, m.ids, num_groups)  # G_s^C's slices go to a dropped segment
+        parts.append(jax.ops.segment_sum(per[:3].T, ids, num_groups + 1)[:num_groups].T)
+        checks.append(jnp.sum(per[2:]))
+    grouped = set(layout.split) | set(layout.whole)
+    for i, u in enumerate(us):  # G_s^C's leaves: the update alone
+        if i not in grouped and jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+            checks.append(jnp.sum(u, dtype=jnp.float32))
+    if layout.whole:
+        per = jnp.stack([_reduce4(xs[i], bs[i], us[i], tuple(range(xs[i].ndim)))
+                         for i in layout.whole], axis=1)  # [4, leaves]
+        checks.append(jnp.sum(per[2:]))
+        gids = np.array([layout.leaf_groups[i] for i in layout.whole], np.int32)
+        if per.shape[1] * num_groups <= 1 << 16:  # small: a dense sum beats a scatter
             one_hot = np.eye(num_groups, dtype=np.float32)[gids]
-            parts.append(jnp.dot(per_leaf, one_hot, precision=jax.lax.Precision.HIGHEST))
+            parts.append(jnp.dot(per[:3], one_hot, precision=jax.lax.Precision.HIGHEST))
         else:
-            parts.append(jax.vmap(lambda v: jax.ops.segment_sum(v, gids, num_groups))(per_leaf))
-    return functools.reduce(jnp.add, parts) if parts else jnp.zeros((3, num_groups), jnp.float32)
+            parts.append(jax.vmap(lambda v: jax.ops.segment_sum(v, gids, num_groups))(per[:3]))
+    stats = (functools.reduce(jnp.add, parts) if parts
+             else jnp.zeros((3, num_groups), jnp.float32))
+    check = functools.reduce(jnp.add, checks) if checks else jnp.zeros([], jnp.float32)
+    return stats, check
 
 
 def _as_buffers(always: jax.Array, values: Any) -> Any:
     """``values`` (a tree of small arrays), returned by a conditional as plain buffers.
 
-    A value computed from many others (a static slice of the per-group arrays) is fused into
-    every consumer, so every leaf's kernel would recompute it and differ from the others.
-    Values that leave a conditional are buffers: the kernels of leaves of one shape are then
-    identical, and XLA compiles identical kernels once (DARTS-8, 2,807 leaves, compiles about
-    4x faster). ``always`` is a predicate that is always true but unknown to the compiler.
+    A value computed from others (the per-group coefficients) or a constant (a group's index
+    into them) is fused into every consumer, so every leaf's kernel would recompute it and
+    differ from the kernels of the other leaves. Values that leave a conditional are buffers:
+    the kernels of leaves of one shape are then identical, and XLA compiles identical kernels
+    once (compile time grows with the number of leaf shapes, not of leaves or groups).
+    ``always`` is a predicate that is always true but unknown to the compiler.
     """
     return jax.lax.cond(always, lambda: values,
                         lambda: jax.tree_util.tree_map(jnp.zeros_like, values))
@@ -350,17 +337,6 @@ def _as_buffers(always: jax.Array, values: Any) -> Any:
 _PUSH_OVER_PHASE = 2.0
 
 _NONFINITE = ("skip", "raise")
-
-
-def _all_finite(leaves: list) -> jax.Array:
-    """True when every entry of every leaf is finite.
-
-    One float sum per leaf (NaN and inf propagate into it): it compiles several times faster
-    than per-leaf ``all(isfinite)``; only a sum over 1e38 would be flagged needlessly.
-    """
-    sums = [jnp.sum(x, dtype=jnp.float32) for x in leaves
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
 
 
 def _raise_nonfinite(name: str, count) -> None:
@@ -421,7 +397,7 @@ def hybrid_sparse_optimizer(
     lr, lam, eps = _schedule(learning_rate), _schedule(group_lasso), _schedule(epsilon)
     if search == "hierarchical":
         graph = search_graph(space)
-        search_fn = lambda s: hierarchical_search(graph, s, k)  # noqa: E731
+        search_fn = lambda s: hierarchical_search_callback(graph, s, k)  # noqa: E731
     else:
         search_fn = lambda s: top_k_search(num_groups, s, k)  # noqa: E731
     num_params = np.array([g.num_params for g in space.groups], np.float32)
@@ -453,40 +429,27 @@ def hybrid_sparse_optimizer(
             gs = treedef.flatten_up_to(grads)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{name}: grads and params have different structures: {e}") from None
-        # A step with a non-finite gradient changes nothing but the count of such steps.
-        finite = _all_finite(gs)
-        if nonfinite == "raise":
-            jax.lax.cond(finite, lambda: None,
-                         lambda: jax.debug.callback(
-                             functools.partial(_raise_nonfinite, name), state.count))
-
-        def apply():
-            return _step(grads, state, params, layout, xs, gs, treedef)
-
-        def skip():  # zero updates of the base optimizer's shapes and dtypes (as the step's)
-            shapes = jax.eval_shape(base_tx.update, grads, state.base_state, params)[0]
-            return (jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
-                    state._replace(notfinite_count=state.notfinite_count + 1))
-
-        return jax.lax.cond(finite, apply, skip)
-
-    def _step(grads, state, params, layout, xs, gs, treedef):
         count = state.count
         updates, base_state = base_tx.update(grads, state.base_state, params)
         us = treedef.flatten_up_to(updates)
         warm, proj = warmup_steps, projection_steps
 
-        # Per-group statistics, one pass over the grouped leaves for both phases that need
-        # them: <x, x>, <x, b>, <b, b> with b the gradient in warm-up (for the saliency) and
-        # the base update during projection (for the redundant groups' trial step).
+        # Per-group statistics, one pass over the leaves for every phase: <x, x>, <x, b>,
+        # <b, b> with b the gradient in warm-up (for the saliency) and the base update after
+        # (for the redundant groups' trial step); the same pass checks that the step is finite.
         in_warmup = count < warm
         is_search = count == warm
         in_proj = (count >= warm) & (count < warm + proj)
         bs = [jnp.where(in_warmup, g.astype(u.dtype), u) if g.shape == u.shape else u
               for g, u in zip(gs, us)]
-        stats = jax.lax.cond(in_warmup | in_proj,
-                             lambda: _group_dots(layout, num_groups, xs, bs),
-                             lambda: jnp.zeros((3, num_groups), jnp.float32))
+        stats, check = _group_stats(layout, num_groups, xs, bs, us)
+        # A step with a non-finite gradient or update changes nothing but the count of such
+        # steps: every new value below is selected against the old one by ``finite``.
+        finite = jnp.isfinite(check)
+        if nonfinite == "raise":
+            jax.lax.cond(finite, lambda: None,
+                         lambda: jax.debug.callback(
+                             functools.partial(_raise_nonfinite, name), state.count))
 
         # Warm-up: exponential average of the saliency.
         def sample():
@@ -508,7 +471,7 @@ def hybrid_sparse_optimizer(
         # A non-finite sample (e.g. 0/0 in a custom proxy) is left out of the average.
         avg = jnp.where(in_warmup & jnp.isfinite(s), blended, state.saliency)
 
-        # The one-time search.
+        # The one-time search (on the host, through one callback, for hierarchical search).
         redundant = jax.lax.cond(is_search, lambda: search_fn(avg), lambda: state.redundant)
 
         # Hybrid phase: the redundant groups' trial step.
@@ -565,46 +528,52 @@ def hybrid_sparse_optimizer(
             shrink = jnp.where(ny > 0, mu0 / jnp.where(ny > 0, ny, 1.0), 0.0)
             keep_u = 1.0 - shrink
 
-        project = active & (test | final)
+        project = active & (test | final) & finite
         push = active & ~project
         zero = state.zero | project
 
-        def place(x, u, zero_at, push_at, keep_at, shrink_at):
-            moved = u if redundant_step == "half_space" else keep_at.astype(u.dtype) * u
-            moved = moved - shrink_at.astype(u.dtype) * x
-            # A select, not arithmetic, keeps G_r^C's update bit-identical to the base's (with
-            # FMA contraction, u - 0 * x may round differently), and makes the update of a
-            # zero group exactly -x, so that params + updates is exactly 0.
-            return jnp.where(zero_at, -x.astype(u.dtype), jnp.where(push_at, moved, u))
-
-        # The per-group values reach the leaves' kernels as buffers (see _as_buffers): one
-        # scalar per group for the whole leaves, the [G] arrays for the split ones.
-        arrays = (zero, push, keep_u, shrink)
+        # Each group's update is a_g u + c_g x: (1, 0) for the base step, (keep, -shrink) for
+        # the push, (0, -1) for a zero group (exactly -x, so that params + updates is exactly
+        # 0); a non-finite step's update is 0. The [G, 2] coefficients and each group's index
+        # into them reach the leaves' kernels as buffers (see _as_buffers), so that the
+        # kernels of leaves of one shape are identical whatever their group.
+        coef = jnp.stack([jnp.where(zero, 0.0, jnp.where(push, keep_u, 1.0)),
+                          jnp.where(zero, -1.0, jnp.where(push, -shrink, 0.0))], axis=1)
         whole_groups = sorted({layout.leaf_groups[i] for i in layout.whole})
-        scalars, arrays = _as_buffers(count >= 0, (
-            [{g: a[g] for g in whole_groups} for a in arrays], arrays if layout.split else ()))
-        out = list(us)
+        coef, index, ok = _as_buffers(count >= 0, (
+            coef, {g: jnp.int32(g) for g in whole_groups}, finite))
+
+        def place(x, u, cu, cx):
+            return jnp.where(ok, cu.astype(u.dtype) * u + cx.astype(u.dtype) * x,
+                             jnp.zeros([], u.dtype))
+
+        out = [jnp.where(ok, u, jnp.zeros([], u.dtype)) for u in us]
         for i in layout.whole:
-            g = layout.leaf_groups[i]
-            out[i] = place(xs[i], us[i], *(s[g] for s in scalars))
-        fills = (False, False, 1.0, 0.0)  # G_s^C's entries of a split leaf
+            c = jax.lax.dynamic_index_in_dim(coef, index[layout.leaf_groups[i]], 0, False)
+            out[i] = place(xs[i], us[i], c[0], c[1])
+        fills = (1.0, 0.0)  # G_s^C's entries of a split leaf
         for i in layout.split:  # per-slice values, broadcast along the split axis
             m, ndim = layout.maps[i], xs[i].ndim
-            out[i] = place(xs[i], us[i], *(m.take(a, f, ndim) for a, f in zip(arrays, fills)))
+            out[i] = place(xs[i], us[i], *(m.take(coef[:, j], f, ndim)
+                                           for j, f in enumerate(fills)))
+
+        def kept(new, old):
+            return jnp.where(finite, new, old)
 
         new_state = H2SPGState(
-            count=optax.safe_increment(count),
-            saliency=avg,
-            redundant=redundant,
+            count=kept(optax.safe_increment(count), count),
+            saliency=kept(avg, state.saliency),
+            redundant=kept(redundant, state.redundant),
             zero=zero,
-            search_norm=search_norm,
-            lasso=lasso,
+            search_norm=kept(search_norm, state.search_norm),
+            lasso=kept(lasso, state.lasso),
             zero_step=jnp.where(project, count, state.zero_step),
             zeroed_by_test=state.zeroed_by_test | (project & test & ~final),
             zero_norm=jnp.where(project, nx / jnp.where(search_norm > 0, search_norm, 1.0),
                                 state.zero_norm),
-            notfinite_count=state.notfinite_count,
-            base_state=base_state,
+            notfinite_count=state.notfinite_count + (~finite).astype(jnp.int32),
+            # A conditional, not a select per leaf: it compiles to copies, no kernels.
+            base_state=jax.lax.cond(finite, lambda: base_state, lambda: state.base_state),
         )
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -640,7 +609,7 @@ def h2spg(
     issued here. Read the redundant set, zero groups and saliencies with :func:`h2spg_info`.
 
     Phases (``count`` = updates done): warm-up while ``count < warmup_steps`` (base optimizer
-    everywhere, saliency averaged); at ``count == warmup_steps`` the in-graph hierarchical
+    everywhere, saliency averaged); at ``count == warmup_steps`` the hierarchical
     search picks G_r; during the ``projection_steps`` updates that start with it, each
     not-yet-zero group of G_r takes HSPG's half-space step: the trial point
     :math:`\tilde x_g = x_g + u_g - \mu_g x_g/\|x_g\|` (``u`` the base optimizer's update,
@@ -657,17 +626,20 @@ def h2spg(
 
     Updates follow optax's convention (``optax.apply_updates``); a projected group's update is
     exactly ``-params``, so h2spg must be the last transformation of a chain (clipping etc.
-    go before it). Its update is jittable with no host call and runs under ``jit``, ``pmap``
-    and sharded parameters; the search runs once, in-graph, in a few milliseconds.
+    go before it). Its update is jittable and runs under ``jit``, ``pmap`` and sharded
+    parameters; the search runs once, at update ``warmup_steps``, in a few milliseconds, on
+    the host through one ``jax.pure_callback`` (compiled for the host's CPU the first time it
+    runs); no other update touches the host.
 
     With ``optax.inject_hyperparams(h2spg)(space, ...)`` the numeric arguments become
     (float32) hyperparameters; name a custom ``saliency`` function in ``static_args`` (it is
     not a schedule), and note that K is then ``floor(target_group_sparsity * G)`` in float32.
 
-    Non-finite gradients: a step whose gradient has a NaN or inf in any leaf is skipped, as
-    ``optax.apply_if_finite`` does: the update is zero (parameters stay as they were), the
-    state is unchanged except ``notfinite_count`` (:attr:`H2SPGInfo.skipped_steps`), and the
-    skipped step does not count towards the phases. With ``nonfinite="raise"`` the step
+    Non-finite steps: a step whose base update has a NaN or inf in any leaf (or, in warm-up,
+    whose gradient has one in a grouped leaf) is skipped, as ``optax.apply_if_finite`` does:
+    the update is zero (parameters stay as they were), the state, the base optimizer's
+    included, is unchanged except ``notfinite_count`` (:attr:`H2SPGInfo.skipped_steps`), and
+    the skipped step does not count towards the phases. With ``nonfinite="raise"`` the step
     raises ``FloatingPointError`` instead (through a host callback run only on such a step).
     Zero flags are set only together with an update of exactly ``-params``.
 

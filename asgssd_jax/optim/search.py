@@ -1,10 +1,13 @@
-"""In-graph hierarchical search (Algorithm 3, lines 3-10) over a segment graph.
+"""Hierarchical search (Algorithm 3, lines 3-10) over a segment graph.
 
-H2SPG runs the search once, inside the jitted update, at the end of warm-up. Validity is
-Algorithm 3's, for every input and output: with the removed structures deleted from the segment
-graph, every (input leaf, output leaf) pair connected in the full network is still connected. The graph is turned into static arrays at construction
-(:class:`SearchGraph`); :func:`hierarchical_search` is pure ``jnp``/``lax`` over them, so it runs
-under ``jit``, ``pmap`` and sharding without touching the host.
+H2SPG runs the search once, at the end of warm-up. Validity is Algorithm 3's, for every input
+and output: with the removed structures deleted from the segment graph, every (input leaf,
+output leaf) pair connected in the full network is still connected. The graph is turned into
+static arrays at construction (:class:`SearchGraph`); :func:`hierarchical_search` is pure
+``jnp``/``lax`` over them, so it runs under ``jit``, ``pmap`` and sharding without touching the
+host. H2SPG calls it through :func:`hierarchical_search_callback`, one ``jax.pure_callback``
+that runs the same function compiled once for the host's CPU: the train step then compiles no
+search of its own.
 
 Two facts make the search cheap. Number the segments in a topological order with the inputs
 first and let U be the *useful* segments, those on some input-to-output path. (1) Deleting a
@@ -34,7 +37,8 @@ import numpy as np
 
 from asgssd_jax.search_space import pairs_connected, pairs_stay_connected
 
-__all__ = ["SearchGraph", "hierarchical_search", "top_k_search"]
+__all__ = ["SearchGraph", "hierarchical_search", "hierarchical_search_callback",
+           "host_hierarchical_search", "top_k_search"]
 
 # An "infinite" path cost; 2 * INF still fits in int32.
 INF = 1 << 20
@@ -402,6 +406,162 @@ def hierarchical_search(graph: SearchGraph, saliency: jax.Array, k: jax.Array | 
         return _greedy_pairs(graph, order, k)
     removed, count = _greedy_valid(graph, order, k)
     return jax.lax.cond(count >= k, lambda: removed, lambda: _greedy_feasible(graph, order, k))
+
+
+def _host_valid_pass(graph: SearchGraph, order: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """:func:`_greedy_valid` on the host (same acceptances, same peeling)."""
+    n, out = graph.num_nodes, graph.output
+    succ = [[w for w in row if w != n] for row in graph.succ.tolist()]
+    pred = [[w for w in row if w != n] for row in graph.pred.tolist()]
+    es, ed = graph.edge_src, graph.edge_dst
+    useful = graph.useful.copy()
+    fcnt, bcnt = graph.useful_preds.tolist(), graph.useful_succs.tolist()
+    is_source = graph.is_source.tolist()
+    removed = np.zeros(graph.num_groups, bool)
+    count = 0
+    for g in order:
+        if count >= k:
+            break
+        v = int(graph.group_node[g])
+        in_u = bool(useful[v])
+        accept = not in_u or bool(np.any(useful[es] & useful[ed] & (es < v) & (v < ed)))
+        if accept and in_u:
+            useful[v] = False
+            stack = [v]
+            while stack:  # peel what lost its last useful predecessor or successor
+                u = stack.pop()
+                for w in succ[u]:
+                    if useful[w]:
+                        fcnt[w] -= 1
+                        if fcnt[w] == 0 and not is_source[w]:
+                            useful[w] = False
+                            stack.append(w)
+                for w in pred[u]:
+                    if useful[w]:
+                        bcnt[w] -= 1
+                        if bcnt[w] == 0 and w != out:
+                            useful[w] = False
+                            stack.append(w)
+        removed[g] = accept
+        count += accept
+    return removed, count
+
+
+def _host_distances(graph: SearchGraph, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fewest groups from an input to each alive segment and from it to the output (the
+    fixpoint :func:`_greedy_feasible` iterates to, by one pass in topological order)."""
+    n, w = graph.num_nodes, graph.weight
+    ds = np.full(n + 1, INF, np.int64)
+    dt = np.full(n + 1, INF, np.int64)
+    for i in range(n):
+        if alive[i]:
+            ds[i] = w[i] if graph.is_source[i] else min(INF, w[i] + ds[graph.pred[i]].min())
+    for i in reversed(range(n)):
+        if alive[i]:
+            dt[i] = w[i] if i == graph.output else min(INF, w[i] + dt[graph.succ[i]].min())
+    return ds, dt
+
+
+def _host_feasible_pass(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
+    """:func:`_greedy_feasible` on the host."""
+    n = graph.num_nodes
+    es, ed = graph.edge_src, graph.edge_dst
+    budget = graph.num_groups - k
+    alive = np.arange(n + 1) < n
+    ds = graph.dist_from_input.astype(np.int64)
+    dt = graph.dist_to_output.astype(np.int64)
+    removed = np.zeros(graph.num_groups, bool)
+    count = 0
+    for g in order:
+        if count >= k:
+            break
+        v = int(graph.group_node[g])
+        on_path = ds[v] < INF and dt[v] < INF
+        jump = (es < v) & (v < ed)
+        best = (ds[es[jump]] + dt[ed[jump]]).min(initial=2 * INF)
+        accept = not on_path or best <= budget
+        if accept and on_path:
+            alive[v] = False
+            ds, dt = _host_distances(graph, alive)
+        removed[g] = accept
+        count += accept
+    return removed
+
+
+def _host_pairs(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
+    """:func:`_greedy_pairs` on the host; reachability as one integer bit set per segment."""
+    n = graph.num_nodes
+    preds = [[w for w in row if w != n] for row in graph.pred[:n].tolist()]
+    seed = [1 << int(c) if c >= 0 else 0 for c in graph.source_column[:n]]
+    targets = list(zip(graph.pair_target.tolist(), graph.pair_column.tolist()))
+    group_node = graph.group_node
+
+    def valid(removed: np.ndarray) -> bool:
+        dead = np.zeros(n, bool)
+        dead[group_node[removed]] = True
+        reach = [0] * n
+        for i in range(n):
+            if not dead[i]:
+                r = seed[i]
+                for p in preds[i]:
+                    r |= reach[p]
+                reach[i] = r
+        return all(reach[t] >> c & 1 for t, c in targets)
+
+    removed = np.zeros(graph.num_groups, bool)
+    count = 0
+    for g in order:
+        if count >= k:
+            break
+        trial = removed.copy()
+        trial[g] = True
+        if valid(trial):
+            removed, count = trial, count + 1
+    if count >= k:
+        return removed
+    removed = np.zeros(graph.num_groups, bool)
+    unvisited = np.ones(graph.num_groups, bool)
+    count = 0
+    for g in order:
+        if count >= k:
+            break
+        unvisited[g] = False
+        trial = removed.copy()
+        trial[g] = True
+        if not graph.reserve[g] or valid(trial | (unvisited & ~graph.reserve)):
+            removed, count = trial, count + 1
+    return removed
+
+
+def host_hierarchical_search(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
+    """:func:`hierarchical_search` in NumPy, given the visiting ``order`` (the groups by
+    ascending saliency): the same redundant set, computed on the host."""
+    order = np.asarray(order, np.int64)
+    k = min(int(k), graph.max_removable)
+    if graph.reserve is not None:
+        return _host_pairs(graph, order, k)
+    removed, count = _host_valid_pass(graph, order, k)
+    return removed if count >= k else _host_feasible_pass(graph, order, k)
+
+
+def hierarchical_search_callback(graph: SearchGraph, saliency: jax.Array,
+                                 k: jax.Array | int) -> jax.Array:
+    """:func:`hierarchical_search` (the same result) with the greedy passes on the host, through
+    one ``jax.pure_callback`` (:func:`host_hierarchical_search`): a program that calls this
+    compiles no search loops, so H2SPG's train step compiles faster.
+
+    Works under ``jit``, ``pmap`` and sharding (each device calls the host with the same
+    saliency); under ``vmap`` the callback runs once per batch element.
+    """
+    if graph.num_groups == 0:
+        return jnp.zeros(0, bool)
+    order = jnp.argsort(saliency, stable=True).astype(jnp.int32)  # sorted as in-graph
+
+    def host(order, k):
+        return host_hierarchical_search(graph, np.asarray(order), int(k))
+
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((graph.num_groups,), jnp.bool_),
+                             order, jnp.asarray(k, jnp.int32), vmap_method="sequential")
 
 
 def top_k_search(num_groups: int, saliency: jax.Array, k: jax.Array | int) -> jax.Array:
