@@ -11,9 +11,10 @@ and by this process's CPU time, which other processes on a shared machine distur
 "search step" is the single update at ``count == warmup_steps`` that also runs the
 hierarchical search.
 
-Table 2: the in-graph hierarchical search alone (``hierarchical_search``, jitted, after
-compilation) on DARTS-8's search space (464 groups) and on synthetic DARTS-like segment graphs
-of about 500 and 1000 groups, median over random saliencies.
+Table 2: the hierarchical search alone on DARTS-8's search space (464 groups) and on synthetic
+DARTS-like segment graphs of about 500 and 1000 groups, median over random saliencies: in-graph
+(``hierarchical_search``, jitted, after compilation) and on the host
+(``host_hierarchical_search``, the NumPy passes H2SPG runs through its one callback).
 
 Table 3 (``--compile``, default resnet18 super_resnet darts_8cells; ``--compile none`` skips
 it): compile time of the jitted train step (forward + backward + update + ``apply_updates``,
@@ -44,7 +45,11 @@ import optax
 
 import asgssd_jax as ag
 import asgssd_zoo as models
-from asgssd_jax.optim.search import SearchGraph, hierarchical_search
+from asgssd_jax.optim.search import (
+    SearchGraph,
+    hierarchical_search,
+    host_hierarchical_search,
+)
 
 BATCH = 64
 
@@ -236,24 +241,29 @@ def search_table(repeats: int, darts: bool) -> None:
     graphs["DARTS-like, 36 cells"] = darts_like_graph(36)
     graphs["DARTS-like, 72 cells"] = darts_like_graph(72)
     print()
-    print("hierarchical search (one call, jitted, compiled beforehand)")
+    print("hierarchical search, one call: in-graph (jitted, compiled beforehand) and on the host "
+          "(host_hierarchical_search, what H2SPG's callback runs; same result checked)")
     print(f"{'graph':<22} {'groups':>6} {'|V_s|':>6} {'|E_s|':>6} {'sparsity':>8} "
-          f"{'K':>5} {'median ms':>10} {'max ms':>8}")
+          f"{'K':>5} {'jit median ms':>13} {'max ms':>7} {'host median ms':>14} {'max ms':>7}")
     for name, graph in graphs.items():
         search = jax.jit(hierarchical_search, static_argnums=0)
         for sparsity in (0.3, 0.7, 0.9):
             k = int(sparsity * graph.num_groups)
-            times = []
+            times, host_times = [], []
             for seed in range(repeats * 3):
                 sal = np.random.default_rng(seed).normal(size=graph.num_groups).astype(np.float32)
-                sal = jnp.asarray(sal)
-                jax.block_until_ready(search(graph, sal, k))  # compiled once per k's dtype
+                want = jax.block_until_ready(search(graph, jnp.asarray(sal), k))  # compiles once
                 t0 = time.perf_counter()
-                jax.block_until_ready(search(graph, sal, k))
+                jax.block_until_ready(search(graph, jnp.asarray(sal), k))
                 times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                got = host_hierarchical_search(graph, np.argsort(sal, kind="stable"), k)
+                host_times.append(time.perf_counter() - t0)
+                assert np.array_equal(got, np.asarray(want)), "host and in-graph searches differ"
             print(f"{name:<22} {graph.num_groups:>6} {graph.num_nodes:>6} "
                   f"{len(graph.edge_src):>6} {sparsity:>8} {k:>5} "
-                  f"{statistics.median(times) * 1e3:>10.2f} {max(times) * 1e3:>8.2f}")
+                  f"{statistics.median(times) * 1e3:>13.2f} {max(times) * 1e3:>7.2f} "
+                  f"{statistics.median(host_times) * 1e3:>14.2f} {max(host_times) * 1e3:>7.2f}")
 
 
 def _compile_seconds(fn, *args) -> tuple[float, float]:

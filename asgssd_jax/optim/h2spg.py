@@ -263,6 +263,12 @@ def _layout(space, params, name: str) -> _Layout:
     return _Layout(maps, gids, whole, split)
 
 
+# Leaves of one shape and dtype, at least this many, are stacked and reduced together: with
+# many leaves (DARTS cells) the program is then far smaller and compiles faster; with fewer,
+# a reduction per leaf compiles faster than the stacking.
+_STACK_AT = 32
+
+
 def _add4(a, b):
     return tuple(p + q for p, q in zip(a, b))
 
@@ -282,8 +288,9 @@ def _group_stats(layout: _Layout, num_groups: int, xs: list, bs: list, us: list
 
     One pass over every leaf: the statistics and the finiteness check share one reduction
     per leaf, and XLA compiles the identical reductions of leaves of one shape once, so the
-    step compiles one kernel per leaf shape for both. A split leaf (a stacked layer
-    parameter) is reduced once for all its slices, then summed by its slices' groups.
+    step compiles one kernel per leaf shape for both; many leaves of one shape are stacked
+    and reduced together. A split leaf (a stacked layer parameter) is reduced once for all
+    its slices, then summed by its slices' groups.
     """
     parts, checks = [], []
     for i in layout.split:
@@ -298,10 +305,21 @@ def _group_stats(layout: _Layout, num_groups: int, xs: list, bs: list, us: list
         if i not in grouped and jnp.issubdtype(jnp.result_type(u), jnp.inexact):
             checks.append(jnp.sum(u, dtype=jnp.float32))
     if layout.whole:
-        per = jnp.stack([_reduce4(xs[i], bs[i], us[i], tuple(range(xs[i].ndim)))
-                         for i in layout.whole], axis=1)  # [4, leaves]
+        by_kind: dict[tuple, list[int]] = {}
+        for i in layout.whole:
+            by_kind.setdefault((np.shape(xs[i]), str(xs[i].dtype)), []).append(i)
+        sums, order = [], []
+        for leaves in by_kind.values():
+            if len(leaves) >= _STACK_AT:  # one reduction of the stacked leaves
+                x, b, u = (jnp.stack([a[i] for i in leaves]) for a in (xs, bs, us))
+                sums.append(_reduce4(x, b, u, tuple(range(1, x.ndim))))
+            else:
+                sums += [_reduce4(xs[i], bs[i], us[i], tuple(range(xs[i].ndim)))[:, None]
+                         for i in leaves]
+            order += leaves
+        per = jnp.concatenate(sums, axis=1)  # [4, leaves]
         checks.append(jnp.sum(per[2:]))
-        gids = np.array([layout.leaf_groups[i] for i in layout.whole], np.int32)
+        gids = np.array([layout.leaf_groups[i] for i in order], np.int32)
         if per.shape[1] * num_groups <= 1 << 16:  # small: a dense sum beats a scatter
             one_hot = np.eye(num_groups, dtype=np.float32)[gids]
             parts.append(jnp.dot(per[:3], one_hot, precision=jax.lax.Precision.HIGHEST))
