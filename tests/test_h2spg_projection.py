@@ -180,6 +180,31 @@ def test_a_non_finite_step_is_skipped_in_every_phase(demo, nan_tx, bad, phase, w
     assert len(zeros) == int(0.6 * space.num_groups) and space.is_valid(zeros)
 
 
+@pytest.mark.parametrize("bad", [1, WARM, WARM + 1, WARM + PROJ + 1])
+def test_a_finite_gradient_whose_base_update_is_not_finite_is_skipped(demo, bad):
+    # The base optimizer overflows on a large (finite) gradient: the update is what is checked.
+    space, params0, _ = demo
+    overflow = optax.stateless(lambda u, p: jax.tree_util.tree_map(
+        lambda a: jnp.where(jnp.abs(a) > 1e3, jnp.inf, a), u))
+    tx = ag.h2spg(space, 0.05, 0.6, warmup_steps=WARM, projection_steps=PROJ,
+                  base=optax.chain(optax.sgd(0.05, momentum=0.9), overflow))
+
+    def big_at_bad(p, t):
+        g = _grads(p, t)
+        return jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(1e6), g) if t == bad else g
+
+    runs = list(_steps(tx, params0, big_at_bad, TOTAL + 1))
+    (_, p_before, s_before), (_, p_bad, s_bad) = runs[bad - 1], runs[bad]
+    for a, b in zip(jax.tree_util.tree_leaves((p_before, s_before._replace(notfinite_count=0))),
+                    jax.tree_util.tree_leaves((p_bad, s_bad._replace(notfinite_count=0)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(s_bad.notfinite_count) == 1
+    skip = lambda p, t: _grads(p, t + 1 if t >= bad else t)  # noqa: E731
+    _, want, _ = _last(_steps(tx, params0, skip, TOTAL))
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(runs[-1][1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_nonfinite_raise_raises_and_the_default_has_no_debug_callback(demo):
     space, params, _ = demo
     tx = ag.h2spg(space, 0.05, 0.6, warmup_steps=2, projection_steps=2, nonfinite="raise")
