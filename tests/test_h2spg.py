@@ -226,11 +226,23 @@ def test_only_the_search_step_calls_the_host_once(demo, monkeypatch):
     real = search_module.host_hierarchical_search
     monkeypatch.setattr(search_module, "host_hierarchical_search",
                         lambda *a: calls.append(a[2]) or real(*a))
-    _, state = _run(tx, params, 6)
+    p1, state = _run(tx, params, 6)
     assert len(calls) == 1  # at update warmup_steps only
     want = hierarchical_search(SearchGraph.from_space(space), ag.h2spg_info(state).saliency,
                                int(0.6 * space.num_groups))
     assert _redundant(state) == set(np.flatnonzero(np.asarray(want)))
+    # host_search=False: no host call, the same run bit for bit, and the step exports.
+    from jax import export
+
+    in_graph = ag.h2spg(space, 0.05, 0.6, warmup_steps=2, projection_steps=2, host_search=False)
+    assert "callback" not in str(jax.make_jaxpr(in_graph.update)(params, in_graph.init(params),
+                                                                  params))
+    p2, state2 = _run(in_graph, params, 6)
+    assert len(calls) == 1
+    for a, b in zip(jax.tree_util.tree_leaves((p1, state)),
+                    jax.tree_util.tree_leaves((p2, state2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    export.export(jax.jit(in_graph.update))(params, in_graph.init(params), params)
 
 
 def test_orbax_checkpoint_in_each_phase_resumes_bit_identically(demo, tmp_path):
@@ -269,6 +281,7 @@ def test_orbax_checkpoint_in_each_phase_resumes_bit_identically(demo, tmp_path):
     (dict(warmup_steps=2.5), "warmup_steps"),
     (dict(base="lion"), "base must be"),
     (dict(saliency="nope"), "unknown saliency"),
+    (dict(host_search="yes"), "host_search must be True or False"),
 ])
 def test_bad_arguments_raise(demo, kwargs, match):
     _, space, _, _ = demo

@@ -73,6 +73,7 @@ def proxsg_plus(
     nonfinite: str = "skip",
     saliency: SaliencyFn | str | None = None,
     saliency_decay: float = 0.9,
+    host_search: bool = True,
 ) -> optax.GradientTransformation:
     r"""ProxSG+: the hierarchical search of H2SPG with proximal group-lasso steps.
 
@@ -93,4 +94,5 @@ def proxsg_plus(
         weight_decay=weight_decay, epsilon=0.0, group_lasso=group_lasso, lasso_amplify=1.0,
         lasso_max_factor=1.0, fade_out=fade_out, nonfinite=nonfinite, saliency=saliency,
         saliency_decay=saliency_decay,
-        search="hierarchical", redundant_step="proximal", name="proxsg_plus")
+        search="hierarchical", redundant_step="proximal", name="proxsg_plus",
+        host_search=host_search)
