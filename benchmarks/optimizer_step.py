@@ -310,7 +310,7 @@ def compile_table(names: list[str], batch: int, rounds: int, floor: bool = False
     print(f"compile time, jit(...).lower(...).compile(), batch {batch}; minimum over {rounds} "
           "interleaved round(s); ratio to the base by wall and by CPU time; load: the 1-minute "
           "load average / CPUs when the row was measured")
-    print(f"{'model':<14} {'groups':>6} {'leaves':>6}  {'what':<11} {'base s':>7} "
+    print(f"{'model':<14} {'groups':>6} {'leaves':>6}  {'what':<22} {'base s':>7} "
           f"{'H2SPG s':>8} {'x wall':>6} {'x cpu':>6} {'load':>7}")
     for name in names:
         model = models.create(name)
@@ -348,7 +348,7 @@ def compile_table(names: list[str], batch: int, rounds: int, floor: bool = False
                 b, h = _best(times["base", what]), _best(times[k, what])
                 label = what if k == "h2spg" else f"{what}, {k}"
                 print(f"{name:<14} {space.num_groups:>6} "
-                      f"{len(jax.tree_util.tree_leaves(params)):>6}  {label:<11} {b[0]:7.2f} "
+                      f"{len(jax.tree_util.tree_leaves(params)):>6}  {label:<22} {b[0]:7.2f} "
                       f"{h[0]:8.2f} {h[0] / b[0]:6.2f} {h[1] / b[1]:6.2f} {_load():>7}", flush=True)
 
 
