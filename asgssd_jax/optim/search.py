@@ -408,6 +408,19 @@ def hierarchical_search(graph: SearchGraph, saliency: jax.Array, k: jax.Array | 
     return jax.lax.cond(count >= k, lambda: removed, lambda: _greedy_feasible(graph, order, k))
 
 
+def _host_greedy(graph: SearchGraph, order: np.ndarray, k: int, accepts) -> tuple[np.ndarray, int]:
+    """Visits the groups in ``order`` until ``k`` are accepted; ``accepts(g, removed)`` decides
+    (and updates the caller's bookkeeping). Returns the removed mask and its size."""
+    removed = np.zeros(graph.num_groups, bool)
+    count = 0
+    for g in order:
+        if count >= k:
+            break
+        removed[g] = accepts(int(g), removed)
+        count += int(removed[g])
+    return removed, count
+
+
 def _host_valid_pass(graph: SearchGraph, order: np.ndarray, k: int) -> tuple[np.ndarray, int]:
     """:func:`_greedy_valid` on the host (same acceptances, same peeling)."""
     n, out = graph.num_nodes, graph.output
@@ -417,34 +430,32 @@ def _host_valid_pass(graph: SearchGraph, order: np.ndarray, k: int) -> tuple[np.
     useful = graph.useful.copy()
     fcnt, bcnt = graph.useful_preds.tolist(), graph.useful_succs.tolist()
     is_source = graph.is_source.tolist()
-    removed = np.zeros(graph.num_groups, bool)
-    count = 0
-    for g in order:
-        if count >= k:
-            break
+
+    def accepts(g: int, removed: np.ndarray) -> bool:
         v = int(graph.group_node[g])
-        in_u = bool(useful[v])
-        accept = not in_u or bool(np.any(useful[es] & useful[ed] & (es < v) & (v < ed)))
-        if accept and in_u:
-            useful[v] = False
-            stack = [v]
-            while stack:  # peel what lost its last useful predecessor or successor
-                u = stack.pop()
-                for w in succ[u]:
-                    if useful[w]:
-                        fcnt[w] -= 1
-                        if fcnt[w] == 0 and not is_source[w]:
-                            useful[w] = False
-                            stack.append(w)
-                for w in pred[u]:
-                    if useful[w]:
-                        bcnt[w] -= 1
-                        if bcnt[w] == 0 and w != out:
-                            useful[w] = False
-                            stack.append(w)
-        removed[g] = accept
-        count += accept
-    return removed, count
+        if not useful[v]:
+            return True
+        if not np.any(useful[es] & useful[ed] & (es < v) & (v < ed)):
+            return False
+        useful[v] = False
+        stack = [v]
+        while stack:  # peel what lost its last useful predecessor or successor
+            u = stack.pop()
+            for w in succ[u]:
+                if useful[w]:
+                    fcnt[w] -= 1
+                    if fcnt[w] == 0 and not is_source[w]:
+                        useful[w] = False
+                        stack.append(w)
+            for w in pred[u]:
+                if useful[w]:
+                    bcnt[w] -= 1
+                    if bcnt[w] == 0 and w != out:
+                        useful[w] = False
+                        stack.append(w)
+        return True
+
+    return _host_greedy(graph, order, k, accepts)
 
 
 def _host_distances(graph: SearchGraph, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -464,28 +475,24 @@ def _host_distances(graph: SearchGraph, alive: np.ndarray) -> tuple[np.ndarray, 
 
 def _host_feasible_pass(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
     """:func:`_greedy_feasible` on the host."""
-    n = graph.num_nodes
     es, ed = graph.edge_src, graph.edge_dst
     budget = graph.num_groups - k
-    alive = np.arange(n + 1) < n
-    ds = graph.dist_from_input.astype(np.int64)
-    dt = graph.dist_to_output.astype(np.int64)
-    removed = np.zeros(graph.num_groups, bool)
-    count = 0
-    for g in order:
-        if count >= k:
-            break
+    alive = np.arange(graph.num_nodes + 1) < graph.num_nodes
+    dist = [graph.dist_from_input.astype(np.int64), graph.dist_to_output.astype(np.int64)]
+
+    def accepts(g: int, removed: np.ndarray) -> bool:
+        ds, dt = dist
         v = int(graph.group_node[g])
-        on_path = ds[v] < INF and dt[v] < INF
+        if ds[v] >= INF or dt[v] >= INF:  # on no input-output path
+            return True
         jump = (es < v) & (v < ed)
-        best = (ds[es[jump]] + dt[ed[jump]]).min(initial=2 * INF)
-        accept = not on_path or best <= budget
-        if accept and on_path:
-            alive[v] = False
-            ds, dt = _host_distances(graph, alive)
-        removed[g] = accept
-        count += accept
-    return removed
+        if (ds[es[jump]] + dt[ed[jump]]).min(initial=2 * INF) > budget:
+            return False
+        alive[v] = False
+        dist[:] = _host_distances(graph, alive)
+        return True
+
+    return _host_greedy(graph, order, k, accepts)[0]
 
 
 def _host_pairs(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
@@ -494,11 +501,10 @@ def _host_pairs(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
     preds = [[w for w in row if w != n] for row in graph.pred[:n].tolist()]
     seed = [1 << int(c) if c >= 0 else 0 for c in graph.source_column[:n]]
     targets = list(zip(graph.pair_target.tolist(), graph.pair_column.tolist()))
-    group_node = graph.group_node
 
     def valid(removed: np.ndarray) -> bool:
         dead = np.zeros(n, bool)
-        dead[group_node[removed]] = True
+        dead[graph.group_node[removed]] = True
         reach = [0] * n
         for i in range(n):
             if not dead[i]:
@@ -508,29 +514,21 @@ def _host_pairs(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
                 reach[i] = r
         return all(reach[t] >> c & 1 for t, c in targets)
 
-    removed = np.zeros(graph.num_groups, bool)
-    count = 0
-    for g in order:
-        if count >= k:
-            break
+    def with_g(removed: np.ndarray, g: int) -> np.ndarray:
         trial = removed.copy()
         trial[g] = True
-        if valid(trial):
-            removed, count = trial, count + 1
+        return trial
+
+    removed, count = _host_greedy(graph, order, k, lambda g, r: valid(with_g(r, g)))
     if count >= k:
         return removed
-    removed = np.zeros(graph.num_groups, bool)
     unvisited = np.ones(graph.num_groups, bool)
-    count = 0
-    for g in order:
-        if count >= k:
-            break
+
+    def keeps_k_reachable(g: int, removed: np.ndarray) -> bool:
         unvisited[g] = False
-        trial = removed.copy()
-        trial[g] = True
-        if not graph.reserve[g] or valid(trial | (unvisited & ~graph.reserve)):
-            removed, count = trial, count + 1
-    return removed
+        return not graph.reserve[g] or valid(with_g(removed, g) | (unvisited & ~graph.reserve))
+
+    return _host_greedy(graph, order, k, keeps_k_reachable)[0]
 
 
 def host_hierarchical_search(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
