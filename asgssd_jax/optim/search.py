@@ -533,7 +533,8 @@ def _host_pairs(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
 
 def host_hierarchical_search(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
     """:func:`hierarchical_search` in NumPy, given the visiting ``order`` (the groups by
-    ascending saliency): the same redundant set, computed on the host."""
+    ascending saliency, as ``jnp.argsort(saliency, stable=True)`` gives it: XLA compares
+    subnormal numbers as zero, NumPy does not): the same redundant set, on the host."""
     order = np.asarray(order, np.int64)
     k = min(int(k), graph.max_removable)
     if graph.reserve is not None:
