@@ -365,9 +365,14 @@ class LeafGroupMap:
             out = jnp.zeros(num_groups, jnp.float32)
             return out if g < 0 else out.at[g].set(jnp.sum(x))
         other = tuple(a for a in range(x.ndim) if a != self.axis)
-        per = jnp.sum(x, axis=other)
+        return self.slice_sums(jnp.sum(x, axis=other), num_groups)
+
+    def slice_sums(self, per: jax.Array, num_groups: int) -> jax.Array:
+        """``[..., G]``: values ``per[..., j]`` of the slices along ``axis`` summed by the
+        group owning each slice (G_s^C's slices are dropped; jittable)."""
         ids = np.where(self.ids >= 0, self.ids, num_groups)
-        return jax.ops.segment_sum(per, ids, num_groups + 1)[:num_groups]
+        sums = jax.ops.segment_sum(jnp.moveaxis(per, -1, 0), ids, num_groups + 1)
+        return jnp.moveaxis(sums[:num_groups], 0, -1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -236,6 +236,9 @@ class _Layout:
     leaf_groups: tuple[int, ...]  # group owning each whole leaf, -1 for G_s^C and split leaves
     whole: tuple[int, ...]  # indices of leaves one group owns whole
     split: tuple[int, ...]  # indices of leaves split between groups (slices along an axis)
+    # the whole leaves in runs reduced together: many of one shape and dtype as one stack
+    # (_STACK_AT or more), the others one by one
+    runs: tuple[tuple[int, ...], ...]
 
 
 def _layout(space, params, name: str) -> _Layout:
@@ -265,7 +268,12 @@ def _layout(space, params, name: str) -> _Layout:
     gids = tuple(m.whole if m.axis is None else -1 for m in maps)
     whole = tuple(i for i, g in enumerate(gids) if g >= 0)
     split = tuple(i for i, m in enumerate(maps) if m.axis is not None and m.grouped)
-    return _Layout(maps, gids, whole, split)
+    by_kind: dict[tuple, list[int]] = {}
+    for i in whole:
+        by_kind.setdefault((np.shape(leaves[i]), str(leaves[i].dtype)), []).append(i)
+    runs = tuple(run for kind in by_kind.values()
+                 for run in ([tuple(kind)] if len(kind) >= _STACK_AT else [(i,) for i in kind]))
+    return _Layout(maps, gids, whole, split, runs)
 
 
 # Leaves of one shape and dtype, at least this many, are stacked and reduced together: with
@@ -302,29 +310,20 @@ def _group_stats(layout: _Layout, num_groups: int, xs: list, bs: list, us: list
         m = layout.maps[i]
         other = tuple(a for a in range(xs[i].ndim) if a != m.axis)
         per = _reduce4(xs[i], bs[i], us[i], other)  # [4, slices]
-        ids = np.where(m.ids >= 0, m.ids, num_groups)  # G_s^C's slices go to a dropped segment
-        parts.append(jax.ops.segment_sum(per[:3].T, ids, num_groups + 1)[:num_groups].T)
+        parts.append(m.slice_sums(per[:3], num_groups))
         checks.append(jnp.sum(per[2:]))
     grouped = set(layout.split) | set(layout.whole)
     for i, u in enumerate(us):  # G_s^C's leaves: the update alone
         if i not in grouped and jnp.issubdtype(jnp.result_type(u), jnp.inexact):
             checks.append(jnp.sum(u, dtype=jnp.float32))
     if layout.whole:
-        by_kind: dict[tuple, list[int]] = {}
-        for i in layout.whole:
-            by_kind.setdefault((np.shape(xs[i]), str(xs[i].dtype)), []).append(i)
-        sums, order = [], []
-        for leaves in by_kind.values():
-            if len(leaves) >= _STACK_AT:  # one reduction of the stacked leaves
-                x, b, u = (jnp.stack([a[i] for i in leaves]) for a in (xs, bs, us))
-                sums.append(_reduce4(x, b, u, tuple(range(1, x.ndim))))
-            else:
-                sums += [_reduce4(xs[i], bs[i], us[i], tuple(range(xs[i].ndim)))[:, None]
-                         for i in leaves]
-            order += leaves
+        sums = []
+        for run in layout.runs:
+            x, b, u = (jnp.stack([a[i] for i in run]) for a in (xs, bs, us))  # [len(run), ...]
+            sums.append(_reduce4(x, b, u, tuple(range(1, x.ndim))))
         per = jnp.concatenate(sums, axis=1)  # [4, leaves]
         checks.append(jnp.sum(per[2:]))
-        gids = np.array([layout.leaf_groups[i] for i in order], np.int32)
+        gids = np.array([layout.leaf_groups[i] for run in layout.runs for i in run], np.int32)
         if per.shape[1] * num_groups <= 1 << 16:  # small: a dense sum beats a scatter
             one_hot = np.eye(num_groups, dtype=np.float32)[gids]
             parts.append(jnp.dot(per[:3], one_hot, precision=jax.lax.Precision.HIGHEST))
