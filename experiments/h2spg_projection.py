@@ -13,7 +13,8 @@ Two kinds of run, one at a time, each skipped when its report.json already exist
     python -m experiments.h2spg_projection default --seeds 1 2 --out runs/h2spg12
     python -m experiments.h2spg_projection table4 --optimizers dhspg proxsg_plus \\
         --sparsities 0.1 0.3 0.5 0.7 0.9 --seeds 0 --out runs/h2spg12
-    # add --rows-only to print the rows of the runs already there without running anything
+    # add --rows-only to print the rows of the runs already there without running anything,
+    # --summary to add Table 4's form: mean ± std over the seeds
 
 The library version of each run (``git rev-parse --short HEAD`` at its start, ``+dirty`` when
 asgssd_jax/ had uncommitted changes then) is written beside its directory, as ``DIR.version``,
@@ -128,6 +129,38 @@ TABLE4_HEADER = (
     "| library |\n" + "|---" * 10 + "|")
 
 
+def table4_summary(cells: dict[tuple[str, float, int, str], dict[str, Any]],
+                   optimizers: list[str], sparsities: list[float]) -> str:
+    """Table 4 over the seeds: per optimizer and projection, each target sparsity's
+    sub-network accuracy as mean ± std over the seeds that have a run (X counted apart), then
+    the groups zeroed by the test (ProxSG+: its proximal step) of all groups zeroed, and the
+    range of the loss jump at the last projection step."""
+    head = ("| optimizer | projection | " + " | ".join(f"{s:g}" for s in sparsities)
+            + " | by the test | loss jump |\n" + "|---" * (len(sparsities) + 4) + "|")
+    lines = [head]
+    for o in optimizers:
+        for v in VARIANTS:
+            runs = {sp: [c for (o2, sp2, _, v2), c in sorted(cells.items())
+                         if (o2, sp2, v2) == (o, sp, v)] for sp in sparsities}
+            every = [c for r in runs.values() for c in r]
+            if not every:
+                continue
+            row = []
+            for sp in sparsities:
+                acc = [100 * c["sub"] for c in runs[sp] if c["sub"] is not None]
+                x = len(runs[sp]) - len(acc)
+                cell = (f"{statistics.mean(acc):.2f} ± "
+                        f"{statistics.stdev(acc) if len(acc) > 1 else 0.0:.2f}" if acc else "")
+                cell += (" " if cell and x else "") + (f"X in {x}" if x else "")
+                row.append(f"{cell} ({len(runs[sp])})" if runs[sp] else "-")
+            by_test = sum(c["by_test"] or 0 for c in every)
+            zeroed = sum(len(c["zeroing"] or []) for c in every)
+            jumps = [c["loss_jump"] for c in every]
+            lines.append(f"| {o} | {variant_name(v, o)} | " + " | ".join(row)
+                         + f" | {by_test} of {zeroed} | {min(jumps):+.3f} to {max(jumps):+.3f} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- running cells
 
 def library_version() -> tuple[str, str]:
@@ -199,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out", default="runs/h2spg12")
     p.add_argument("--rows-only", action="store_true", help="print the rows, run nothing")
+    p.add_argument("--summary", action="store_true",
+                   help="table4: also print mean ± std over the seeds (Table 4's form)")
     a = p.parse_args(argv)
     root = Path(a.out)
     if a.kind == "default":
@@ -221,11 +256,15 @@ def main(argv: list[str] | None = None) -> None:
                 run_table4(root, *cell)
         print(TABLE4_HEADER)
         order = {o: i for i, o in enumerate(a.optimizers)}
+        done = {}
         for cell in sorted(cells, key=lambda c: (c[2], c[1], order[c[0]], c[3] != "paper")):
             out = table4_dir(root, *cell)
             if (out / "report.json").exists():
-                report = json.loads((out / "report.json").read_text())
-                print(table4_row(*cell, summary(report), read_version(out)))
+                done[cell] = summary(json.loads((out / "report.json").read_text()))
+                print(table4_row(*cell, done[cell], read_version(out)))
+        if a.summary:
+            print()
+            print(table4_summary(done, a.optimizers, a.sparsities))
 
 
 if __name__ == "__main__":
