@@ -42,3 +42,20 @@ def test_an_invalid_zero_set_is_an_x_and_a_report_without_zeroing_is_unknown():
     s = hp.summary(_report(None, subnetwork=False))
     row = hp.table4_row("dhspg", 0.9, 0, "paper", s, "v")
     assert "| X | 2 (2) | ? | - | - |" in row
+
+
+def test_the_summary_averages_over_seeds_and_counts_invalid_zero_sets_apart():
+    test = [{"group": 3, "step": 6, "by": "test", "relative_norm": 0.02},
+            {"group": 1, "step": 7, "by": "test", "relative_norm": 0.03}]
+    cut = [{"group": 3, "step": 8, "by": "safeguard", "relative_norm": 0.02},
+           {"group": 1, "step": 8, "by": "safeguard", "relative_norm": 0.03}]
+    cells = {("h2spg", 0.5, 0, "paper"): hp.summary(_report(test)),
+             ("h2spg", 0.5, 1, "paper"): {**hp.summary(_report(test)), "sub": 0.925},
+             ("h2spg", 0.9, 0, "paper"): hp.summary(_report(test, subnetwork=False)),
+             ("h2spg", 0.5, 0, "fade_out"): hp.summary(_report(cut))}
+    lines = hp.table4_summary(cells, ["h2spg", "dhspg"], [0.5, 0.9]).split("\n")
+    assert len(lines) == 4  # header, rule, one line per projection of h2spg; dhspg has no runs
+    assert lines[2] == ("| h2spg | half-space test (default) | 90.00 ± 3.54 (2) | X in 1 (1) "
+                        "| 6 of 6 | +3.000 to +3.000 |")
+    assert lines[3] == ("| h2spg | fade-out (`fade_out=True`) | 87.50 ± 0.00 (1) | - "
+                        "| 0 of 2 | +3.000 to +3.000 |")
