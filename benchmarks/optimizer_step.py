@@ -52,6 +52,7 @@ from asgssd_jax.optim.search import (
     SearchGraph,
     hierarchical_search,
     host_hierarchical_search,
+    search_order,
 )
 
 BATCH = 64
@@ -259,7 +260,7 @@ def search_table(repeats: int, darts: bool) -> None:
                 t0 = time.perf_counter()
                 jax.block_until_ready(search(graph, jnp.asarray(sal), k))
                 times.append(time.perf_counter() - t0)
-                order = np.asarray(jnp.argsort(jnp.asarray(sal), stable=True))  # as H2SPG sorts
+                order = np.asarray(search_order(jnp.asarray(sal)))
                 t0 = time.perf_counter()
                 got = host_hierarchical_search(graph, order, k)
                 host_times.append(time.perf_counter() - t0)
@@ -282,6 +283,12 @@ def _load() -> str:
     return f"{os.getloadavg()[0]:.1f}/{os.cpu_count()}"
 
 
+def _floor_coefficients(stats: jax.Array) -> jax.Array:
+    """``[G, 2]`` coefficients (of u, of x) that depend on every group statistic, as H2SPG's do."""
+    xx, xu, uu = stats
+    return jnp.stack([xu / (uu + 1.0), -xx / (xx + 1.0)], axis=1)
+
+
 def two_pass_floor(space, base: optax.GradientTransformation) -> optax.GradientTransformation:
     """What any per-group hybrid step must compile on top of its base optimizer: the base
     update u, one pass of per-group statistics of (x, u) (H2SPG's reduction), then a second,
@@ -295,8 +302,8 @@ def two_pass_floor(space, base: optax.GradientTransformation) -> optax.GradientT
         xs, treedef = jax.tree_util.tree_flatten(params)
         updates, state = base.update(grads, state, params)
         us = treedef.flatten_up_to(updates)
-        (xx, xu, uu), _ = _group_stats(layout, space.num_groups, xs, us, us)
-        coef = jnp.stack([xu / (uu + 1.0), -xx / (xx + 1.0)], axis=1)
+        stats, _ = _group_stats(layout, space.num_groups, xs, us, us)
+        coef = _floor_coefficients(stats)
         coef, index = _as_buffers(jnp.asarray(True), (
             coef, {g: jnp.int32(g) for g in set(layout.leaf_groups) if g >= 0}))
         out = list(us)
@@ -332,8 +339,8 @@ def flat_floor(space, base: optax.GradientTransformation, row: int = 512
         x, u = flat(xs), flat(us)
         owner = np.repeat(np.array([layout.leaf_groups[i] for i in layout.whole]), rows)
         per = jnp.stack([jnp.sum(x * x, 1), jnp.sum(x * u, 1), jnp.sum(u * u, 1)])
-        xx, xu, uu = jax.vmap(lambda v: jax.ops.segment_sum(v, owner, space.num_groups))(per)
-        coef = jnp.stack([xu / (uu + 1.0), -xx / (xx + 1.0)], axis=1)[owner]  # [rows, 2]
+        stats = jax.vmap(lambda v: jax.ops.segment_sum(v, owner, space.num_groups))(per)
+        coef = _floor_coefficients(stats)[owner]  # [rows, 2]
         placed = coef[:, :1] * u + coef[:, 1:] * x
         out, start = list(us), 0
         for i, r in zip(layout.whole, rows):

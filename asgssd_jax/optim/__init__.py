@@ -14,6 +14,7 @@ from asgssd_jax.optim.search import (
     hierarchical_search,
     hierarchical_search_callback,
     host_hierarchical_search,
+    search_order,
     top_k_search,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "host_hierarchical_search",
     "magnitude_saliency",
     "proxsg_plus",
+    "search_order",
     "taylor_saliency",
     "top_k_search",
 ]

@@ -377,6 +377,13 @@ def _greedy_feasible(graph: SearchGraph, order: jax.Array, k: jax.Array) -> jax.
     return jax.lax.while_loop(lambda c: (c[0] < graph.num_groups) & (c[1] < k), visit, init)[2]
 
 
+def search_order(saliency: jax.Array) -> jax.Array:
+    """``int32[G]``: the groups by ascending saliency, ties in index order, the order in
+    which every search visits them. Sorted by XLA, which compares subnormal numbers as zero
+    (NumPy's sort does not): pass this order to :func:`host_hierarchical_search`."""
+    return jnp.argsort(saliency, stable=True).astype(jnp.int32)
+
+
 def hierarchical_search(graph: SearchGraph, saliency: jax.Array, k: jax.Array | int) -> jax.Array:
     """Algorithm 3, lines 3-10: the redundant set G_r as a boolean mask over groups.
 
@@ -401,7 +408,7 @@ def hierarchical_search(graph: SearchGraph, saliency: jax.Array, k: jax.Array | 
     if graph.num_groups == 0:
         return jnp.zeros(0, bool)
     k = jnp.minimum(jnp.asarray(k, jnp.int32), graph.max_removable)
-    order = jnp.argsort(saliency, stable=True).astype(jnp.int32)
+    order = search_order(saliency)
     if graph.reserve is not None:
         return _greedy_pairs(graph, order, k)
     removed, count = _greedy_valid(graph, order, k)
@@ -533,8 +540,8 @@ def _host_pairs(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
 
 def host_hierarchical_search(graph: SearchGraph, order: np.ndarray, k: int) -> np.ndarray:
     """:func:`hierarchical_search` in NumPy, given the visiting ``order`` (the groups by
-    ascending saliency, as ``jnp.argsort(saliency, stable=True)`` gives it: XLA compares
-    subnormal numbers as zero, NumPy does not): the same redundant set, on the host."""
+    ascending saliency, as :func:`search_order` gives it): the same redundant set, on the
+    host."""
     order = np.asarray(order, np.int64)
     k = min(int(k), graph.max_removable)
     if graph.reserve is not None:
@@ -554,7 +561,7 @@ def hierarchical_search_callback(graph: SearchGraph, saliency: jax.Array,
     """
     if graph.num_groups == 0:
         return jnp.zeros(0, bool)
-    order = jnp.argsort(saliency, stable=True).astype(jnp.int32)  # sorted as in-graph
+    order = search_order(saliency)
 
     def host(order, k):
         return host_hierarchical_search(graph, np.asarray(order), int(k))
@@ -565,5 +572,5 @@ def hierarchical_search_callback(graph: SearchGraph, saliency: jax.Array,
 
 def top_k_search(num_groups: int, saliency: jax.Array, k: jax.Array | int) -> jax.Array:
     """The ``k`` groups of smallest ``saliency`` as a mask, with no validity check (DHSPG)."""
-    rank = jnp.argsort(jnp.argsort(saliency, stable=True), stable=True)
+    rank = jnp.argsort(search_order(saliency), stable=True)
     return rank < jnp.minimum(jnp.asarray(k, jnp.int32), num_groups)
